@@ -1,0 +1,21 @@
+"""deer-diffrax: parallel-in-time Newton (DEER) solves for Diffrax."""
+
+from ._interpolation import DeerInterpolation as DeerInterpolation
+from ._jacobian import (
+    AbstractJacobianMode as AbstractJacobianMode,
+    DiagonalJacobian as DiagonalJacobian,
+    FullJacobian as FullJacobian,
+)
+from ._newton import DeerNewton as DeerNewton, DeerNewtonState as DeerNewtonState
+from ._operator import (
+    BlockBidiagonalOperator as BlockBidiagonalOperator,
+    unit_lower_block_bidiagonal_tag as unit_lower_block_bidiagonal_tag,
+)
+from ._scan_solve import (
+    AssociativeScanSolver as AssociativeScanSolver,
+    solve_linear_recurrence as solve_linear_recurrence,
+)
+from ._solver import DeerSolver as DeerSolver, DeerState as DeerState
+
+
+__version__ = "0.1.0"
