@@ -1,4 +1,4 @@
-"""Dense output of a DEER window: the base solver's interpolation, substep by substep."""
+"""Dense output of a DEER window: the base interpolation, substep by substep."""
 
 import functools as ft
 from typing import ClassVar

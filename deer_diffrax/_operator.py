@@ -139,7 +139,8 @@ def _(operator):
 def _(operator):
     if operator.block_size != 1:
         raise ValueError(
-            "A block-bidiagonal operator with blocks larger than 1x1 is not tridiagonal."
+            "A block-bidiagonal operator with blocks larger than 1x1 is not "
+            "tridiagonal."
         )
     size = operator.num_times
     off = -operator.blocks[1:].reshape(size - 1)

@@ -1,6 +1,7 @@
 """`DeerSolver`: a Diffrax solver whose every step is a window solved in parallel."""
 
 import functools as ft
+from collections.abc import Callable
 from typing import Any
 
 import diffrax
@@ -11,6 +12,12 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree
 
+from ._guess import (
+    constant_guess,
+    predictor_guess,
+    previous_window_guess,
+    trajectory_guess,
+)
 from ._interpolation import deer_interpolation_cls
 from ._jacobian import AbstractJacobianMode, jacobian_mode
 from ._newton import DeerNewton
@@ -24,21 +31,33 @@ _EXPLICIT_RK_NAMES = "Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopr
 
 class DeerState(eqx.Module):
     """Diagnostics carried by [`deer_diffrax.DeerSolver`][] from window to window
-    (read them with `SaveAt(solver_state=True)` and `sol.solver_state`).
+    (read them with `SaveAt(solver_state=True)` and `sol.solver_state`, or with
+    [`deer_diffrax.diagnostics`][]). Rejected windows (adaptive step sizes) are not
+    counted: Diffrax keeps the state of the last accepted window.
 
     - `num_windows`: accepted windows so far.
     - `last_newton_steps`: Newton iterations of the last accepted window.
     - `total_newton_steps`: Newton iterations summed over accepted windows.
     - `max_newton_steps`: the most Newton iterations any accepted window needed.
+    - `newton_steps_histogram`: entry `k` counts the accepted windows that took `k`
+        Newton iterations (length `max_newton_steps + 1` of the solver).
     - `last_residual`: scaled max-norm of the last window's final residual
         `y_i - Phi_i(y_{i-1})` (`<= 1` means within the Newton tolerance).
+    - `total_rejected`: trial iterates rejected by damping, over all windows.
+    - `num_fallbacks`: windows finished by the sequential fallback.
+    - `previous`: the last window's trajectory and initial state, kept only for
+        `initial_guess="previous"` (else `None`).
     """
 
     num_windows: Int[Array, ""]
     last_newton_steps: Int[Array, ""]
     total_newton_steps: Int[Array, ""]
     max_newton_steps: Int[Array, ""]
+    newton_steps_histogram: Int[Array, " max_newton_steps_plus_1"]
     last_residual: Float[Array, ""]
+    total_rejected: Int[Array, ""]
+    num_fallbacks: Int[Array, ""]
+    previous: tuple[Array, Array] | None
 
 
 def _is_explicit_runge_kutta(solver) -> bool:
@@ -87,6 +106,29 @@ def _worst_substep_error(errors: PyTree[Array]) -> PyTree[Array]:
     return jtu.tree_map(worst, errors)
 
 
+def _substep_times(t0, t1, num_substeps: int) -> Array:
+    t0 = jnp.asarray(t0)
+    t1 = jnp.asarray(t1)
+    fractions = jnp.arange(num_substeps + 1, dtype=t0.dtype) / jnp.asarray(
+        num_substeps, dtype=t0.dtype
+    )
+    ts = t0 + (t1 - t0) * fractions
+    # Hit the window's end exactly, so consecutive windows share their boundary.
+    return ts.at[-1].set(t1)
+
+
+def _sequential_trajectory(substep_state, y_start, ts) -> Array:
+    def body(y, t_pair):
+        y_next = substep_state(y, t_pair[0], t_pair[1])
+        return y_next, y_next
+
+    _, trajectory = jax.lax.scan(body, y_start, jnp.stack([ts[:-1], ts[1:]], axis=1))
+    return trajectory
+
+
+_GUESSES = ("constant", "previous", "predictor")
+
+
 def default_tolerance(dtype) -> float:
     """The default Newton `rtol` and `atol` for a state of floating `dtype`: ten times
     `eps ** 0.75` (about 2e-11 in float64 and 6e-5 in float32), well above the
@@ -121,13 +163,14 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
     - Dense output (`SaveAt(dense=True)`, `SaveAt(ts=...)`) uses the base solver's
         interpolation on each substep.
     - Gradients through a window use the implicit function theorem (one transposed,
-        reverse-time scan), never the Newton iterations.
+        reverse-time scan with the exact Jacobian), never the Newton iterations.
 
     A window whose Newton solve does not converge in `max_newton_steps` iterations
     returns `RESULTS.nonlinear_max_steps_reached` (non-finite iterates:
-    `RESULTS.nonlinear_divergence`): `diffeqsolve` raises with `throw=True`. Remedies
-    are shorter windows (smaller `dt0`, or an adaptive controller), more
-    `max_newton_steps`, or `jacobian="full"`.
+    `RESULTS.nonlinear_divergence`): `diffeqsolve` raises with `throw=True`, and an
+    adaptive controller rejects the window and shrinks it. Remedies are shorter
+    windows (smaller `dt0`, or an adaptive controller), more `max_newton_steps`,
+    `jacobian="full"`, a better `initial_guess`, or `fallback="sequential"`.
     """
 
     base_solver: diffrax.AbstractSolver
@@ -136,16 +179,26 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
     atol: float | None = eqx.field(static=True)
     max_newton_steps: int = eqx.field(static=True)
     jacobian: AbstractJacobianMode
+    damping: bool = eqx.field(static=True)
+    initial_guess: str | Callable = eqx.field(static=True)
+    predictor_stride: int = eqx.field(static=True)
+    fallback: str | None = eqx.field(static=True)
 
     def __init__(
         self,
-        base_solver: diffrax.AbstractSolver = diffrax.Tsit5(),
+        base_solver: diffrax.AbstractSolver | None = None,
         num_substeps: int = 100,
         rtol: float | None = None,
         atol: float | None = None,
         max_newton_steps: int = 50,
         jacobian: "str | AbstractJacobianMode" = "full",
+        damping: bool = True,
+        initial_guess: "str | Callable" = "constant",
+        predictor_stride: int = 10,
+        fallback: str | None = None,
     ):
+        if base_solver is None:
+            base_solver = diffrax.Tsit5()
         if isinstance(base_solver, DeerSolver) or not _is_explicit_runge_kutta(
             base_solver
         ):
@@ -154,18 +207,25 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
                 f"({_EXPLICIT_RK_NAMES}); got {type(base_solver).__name__}. "
                 "Pass it as `DeerSolver(base_solver=diffrax.Tsit5())`."
             )
-        if not isinstance(num_substeps, int) or num_substeps < 1:
-            raise ValueError(
-                f"`num_substeps` must be a positive integer; got {num_substeps!r}."
-            )
-        if not isinstance(max_newton_steps, int) or max_newton_steps < 1:
-            raise ValueError(
-                "`max_newton_steps` must be a positive integer; got "
-                f"{max_newton_steps!r}."
-            )
+        for name, value in (
+            ("num_substeps", num_substeps),
+            ("max_newton_steps", max_newton_steps),
+            ("predictor_stride", predictor_stride),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer; got {value!r}.")
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if tol is not None and not tol > 0:
                 raise ValueError(f"`{name}` must be positive; got {tol!r}.")
+        if not (callable(initial_guess) or initial_guess in _GUESSES):
+            raise ValueError(
+                f"Unknown initial_guess {initial_guess!r}: use one of {_GUESSES} or "
+                "a function `t -> y` (for example `sol.evaluate` of a coarse solve)."
+            )
+        if fallback not in (None, "sequential"):
+            raise ValueError(
+                f"Unknown fallback {fallback!r}: use None or 'sequential'."
+            )
         if isinstance(base_solver, diffrax.AbstractRungeKutta):
             # Forward-mode autodiff (used to linearise each substep) cannot pass
             # through the checkpointed stage loop that Diffrax uses by default.
@@ -181,6 +241,10 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
         self.atol = atol
         self.max_newton_steps = max_newton_steps
         self.jacobian = jacobian_mode(jacobian)
+        self.damping = damping
+        self.initial_guess = initial_guess
+        self.predictor_stride = predictor_stride
+        self.fallback = fallback
 
     @property
     def term_structure(self):
@@ -203,13 +267,35 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
         del t0, t1, args
         _check_terms(terms)
         zero = jnp.array(0, dtype=jnp.int32)
+        if self.initial_guess == "previous":
+            y_start, _ = real_ravel(y0)
+            previous = (constant_guess(y_start, self.num_substeps), y_start)
+        else:
+            previous = None
         return DeerState(
             num_windows=zero,
             last_newton_steps=zero,
             total_newton_steps=zero,
             max_newton_steps=zero,
+            newton_steps_histogram=jnp.zeros(
+                self.max_newton_steps + 1, dtype=jnp.int32
+            ),
             last_residual=jnp.array(0.0),
+            total_rejected=zero,
+            num_fallbacks=zero,
+            previous=previous,
         )
+
+    def _guess(self, substep, y_start, ts, solver_state):
+        if callable(self.initial_guess):
+            ravel = lambda y: real_ravel(y)[0]
+            return trajectory_guess(self.initial_guess, ts, ravel)
+        if self.initial_guess == "previous":
+            previous, previous_start = solver_state.previous
+            return previous_window_guess(previous, previous_start, y_start)
+        if self.initial_guess == "predictor":
+            return predictor_guess(substep, y_start, ts, self.predictor_stride)
+        return constant_guess(y_start, self.num_substeps)
 
     def step(
         self,
@@ -229,45 +315,53 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
             jnp.invert(jnp.all(jnp.isfinite(y_start))),
             "DeerSolver: the initial state y0 contains NaN or inf; pass a finite y0.",
         )
-        t0 = jnp.asarray(t0)
-        t1 = jnp.asarray(t1)
-        fractions = jnp.arange(self.num_substeps + 1, dtype=t0.dtype) / jnp.asarray(
-            self.num_substeps, dtype=t0.dtype
-        )
-        ts = t0 + (t1 - t0) * fractions
-        ts = ts.at[-1].set(t1)
+        ts = _substep_times(t0, t1, self.num_substeps)
+        substep = ft.partial(_substep, self.base_solver, terms, args, unravel)
+        substep_state = lambda y, ta, tb: substep(y, ta, tb)[0]
 
         default = default_tolerance(y_start.dtype)
         newton = DeerNewton(
             rtol=default if self.rtol is None else self.rtol,
             atol=default if self.atol is None else self.atol,
             jacobian=self.jacobian,
+            damping=self.damping,
         )
-        guess = jnp.broadcast_to(y_start, (self.num_substeps,) + y_start.shape)
-        inputs = (terms, y_start, ts, args)
+        guess = self._guess(substep_state, y_start, ts, solver_state)
         solution = optx.root_find(
             ft.partial(_trajectory_residual, self.base_solver, unravel),
             newton,
             guess,
-            args=inputs,
+            args=(terms, y_start, ts, args),
             max_steps=self.max_newton_steps,
             adjoint=optx.ImplicitAdjoint(linear_solver=AssociativeScanSolver()),
             throw=False,
             tags=frozenset({unit_lower_block_bidiagonal_tag}),
         )
         trajectory = solution.value
+        newton_failed = solution.result != optx.RESULTS.successful
+        result = diffrax.RESULTS.promote(solution.result)
+        if self.fallback == "sequential":
+            # Under `vmap` this `cond` becomes a `select` and the sequential pass
+            # runs for every batch member: the price of the guarantee.
+            trajectory = jax.lax.cond(
+                newton_failed,
+                lambda: _sequential_trajectory(substep_state, y_start, ts),
+                lambda: trajectory,
+            )
+            result = diffrax.RESULTS.successful
+            num_fallbacks = jnp.where(newton_failed, 1, 0).astype(jnp.int32)
+        else:
+            num_fallbacks = jnp.array(0, dtype=jnp.int32)
 
         # One more (parallel) pass at the converged trajectory: the end state, the
         # error estimates and the dense output are those of the base method applied
         # to it, exactly as a sequential solve would produce them.
         previous = jnp.concatenate([y_start[None], trajectory[:-1]])
-        step = ft.partial(_substep, self.base_solver, terms, args, unravel)
-        mapped, errors, dense_infos, base_results = jax.vmap(step)(
+        mapped, errors, dense_infos, base_results = jax.vmap(substep)(
             previous, ts[:-1], ts[1:]
         )
         y1 = unravel(mapped[-1])
 
-        result = diffrax.RESULTS.promote(solution.result)
         base_ok = base_results == diffrax.RESULTS.successful
         first_base_failure = jtu.tree_map(
             lambda r: r[jnp.argmin(base_ok)], base_results
@@ -289,12 +383,19 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
         scale = newton.atol + newton.rtol * jnp.abs(mapped)
         residual = optx.max_norm((trajectory - mapped) / scale)
         newton_steps = jnp.asarray(solution.stats["num_steps"], dtype=jnp.int32)
+        rejected = jnp.asarray(solution.stats["num_rejected"], dtype=jnp.int32)
         new_state = DeerState(
             num_windows=solver_state.num_windows + 1,
             last_newton_steps=newton_steps,
             total_newton_steps=solver_state.total_newton_steps + newton_steps,
             max_newton_steps=jnp.maximum(solver_state.max_newton_steps, newton_steps),
+            newton_steps_histogram=solver_state.newton_steps_histogram.at[
+                newton_steps
+            ].add(1),
             last_residual=residual.astype(solver_state.last_residual.dtype),
+            total_rejected=solver_state.total_rejected + rejected,
+            num_fallbacks=solver_state.num_fallbacks + num_fallbacks,
+            previous=None if solver_state.previous is None else (trajectory, y_start),
         )
         dense_info = dict(ts=ts, infos=dense_infos)
         return y1, y_error, dense_info, new_state, result
@@ -306,8 +407,8 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
 DeerSolver.__init__.__doc__ = """**Arguments:**
 
 - `base_solver`: the explicit Runge--Kutta method of each substep (`Euler`, `Heun`,
-    `Midpoint`, `Ralston`, `Bosh3`, `Tsit5` (default), `Dopri5`, `Dopri8`). Its order,
-    error estimate and interpolation are DeerSolver's.
+    `Midpoint`, `Ralston`, `Bosh3`, `Tsit5` (the default, `None`), `Dopri5`,
+    `Dopri8`). Its order, error estimate and interpolation are DeerSolver's.
 - `num_substeps`: substeps per window (per Diffrax step), default 100. Longer
     windows expose more parallelism but need more Newton iterations and memory
     (`O(num_substeps n^2)` for `jacobian="full"`).
@@ -322,4 +423,18 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
     the exact diagonal of each substep Jacobian: `O(T n)` memory and work, linear
     convergence), or an `AbstractJacobianMode`. Gradients always use the exact
     Jacobian.
+- `damping`: reject Newton iterates whose residual overflows or grows sharply and
+    retry with shrunk Jacobian blocks, down to a Picard sweep (default `True`; free
+    when Newton behaves; see [`deer_diffrax.DeerNewton`][]).
+- `initial_guess`: where Newton starts in each window: `"constant"` (the window's
+    initial state at every substep; default), `"previous"` (the previous window's
+    trajectory, translated to the new initial state), `"predictor"` (a coarse
+    sequential pass of the base method, `predictor_stride` substeps per coarse
+    step, interpolated onto the substeps), or a function `t -> y` (e.g. the
+    `evaluate` method of a coarser solution).
+- `predictor_stride`: substeps per coarse step of the `"predictor"` guess
+    (default 10).
+- `fallback`: `None` (default: a failed window is reported) or `"sequential"`: a
+    window whose Newton solve fails is finished by the base solver one substep at a
+    time; `DeerState.num_fallbacks` records it.
 """

@@ -91,7 +91,7 @@ def problems():
         Problem(
             "complex_linear", _complex_linear, jnp.array([1.0, 0.5]), 4.0, rotation
         ),
-        Problem("lotka_volterra", _lotka_volterra, jnp.array([10.0, 1.0]), 4.0),
+        Problem("lotka_volterra", _lotka_volterra, jnp.array([4.0, 2.0]), 4.0),
         Problem("van_der_pol", _van_der_pol, jnp.array([2.0, 0.0]), 6.0),
         Problem("pendulum", _pendulum, jnp.array([2.5, 0.0]), 40.0),
         Problem(

@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import PROBLEMS
+from helpers import max_relative_difference, PROBLEMS
 
 from deer_diffrax import DeerSolver
 
@@ -69,13 +69,15 @@ def test_wrong_term_structure_rejected():
         diffrax.diffeqsolve(terms, DeerSolver(), 0.0, 1.0, 0.5, jnp.ones(2))
 
 
-def _long_van_der_pol(throw, max_newton_steps=8):
-    # One window of Van der Pol over 20 time units: Newton from the constant guess
-    # does not converge (DESIGN.md section 1b).
+def _long_van_der_pol(throw, max_newton_steps=8, damping=False):
+    # One window of Van der Pol over 20 time units: undamped Newton from the constant
+    # guess overflows (DESIGN.md section 1b).
     problem = PROBLEMS["van_der_pol"]
     return diffrax.diffeqsolve(
         problem.term,
-        DeerSolver(num_substeps=2000, max_newton_steps=max_newton_steps),
+        DeerSolver(
+            num_substeps=2000, max_newton_steps=max_newton_steps, damping=damping
+        ),
         0.0,
         20.0,
         20.0,
@@ -99,6 +101,16 @@ def test_newton_failure_gives_result_code_without_throw():
 
 
 def test_newton_divergence_to_nan_is_reported():
-    # Let Newton run long enough to blow up: the non-finite iterate is a failure code.
+    # Undamped Newton, run long enough to blow up: the non-finite iterate is reported
+    # as divergence, and no NaN is returned as a success.
     sol = _long_van_der_pol(throw=False, max_newton_steps=60)
-    assert sol.result != diffrax.RESULTS.successful
+    assert sol.result == diffrax.RESULTS.nonlinear_divergence
+
+
+def test_damping_rescues_the_same_window():
+    sol = _long_van_der_pol(throw=True, max_newton_steps=80, damping=True)
+    problem = PROBLEMS["van_der_pol"]
+    sequential = diffrax.diffeqsolve(
+        problem.term, diffrax.Tsit5(), 0.0, 20.0, 0.01, problem.y0, max_steps=2001
+    )
+    assert max_relative_difference(sol.ys, sequential.ys) <= 1e-9

@@ -63,10 +63,7 @@ _MANY_WINDOWS = {
 }
 
 
-@pytest.mark.parametrize("base_cls", EXPLICIT_RK_SOLVERS, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("name", sorted(PROBLEMS))
-@pytest.mark.parametrize("layout", ["one_window", "many_windows"])
-def test_matches_sequential(base_cls, name, layout):
+def _check_matches_sequential(base_cls, name, layout):
     problem = PROBLEMS[name]
     num_windows, num_substeps = (
         _ONE_WINDOW if layout == "one_window" else _MANY_WINDOWS
@@ -82,6 +79,30 @@ def test_matches_sequential(base_cls, name, layout):
     assert int(state.num_windows) == num_windows
     assert 1 <= int(state.max_newton_steps) <= 100
     assert float(state.last_residual) <= 1.0
+
+
+_LAYOUTS = ["one_window", "many_windows"]
+_SOLVER_IDS = lambda c: c.__name__
+
+
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_every_problem_matches_sequential(name, layout):
+    _check_matches_sequential(diffrax.Tsit5, name, layout)
+
+
+@pytest.mark.parametrize("base_cls", EXPLICIT_RK_SOLVERS, ids=_SOLVER_IDS)
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_every_base_solver_matches_sequential(base_cls, layout):
+    _check_matches_sequential(base_cls, "van_der_pol", layout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("base_cls", EXPLICIT_RK_SOLVERS, ids=_SOLVER_IDS)
+@pytest.mark.parametrize("name", sorted(PROBLEMS))
+@pytest.mark.parametrize("layout", _LAYOUTS)
+def test_every_problem_and_base_solver_matches_sequential(base_cls, name, layout):
+    _check_matches_sequential(base_cls, name, layout)
 
 
 def test_analytic_decay():
