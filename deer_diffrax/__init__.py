@@ -1,5 +1,9 @@
 """deer-diffrax: parallel-in-time Newton (DEER) solves for Diffrax."""
 
+from ._diagnostics import (
+    DeerDiagnostics as DeerDiagnostics,
+    diagnostics as diagnostics,
+)
 from ._interpolation import DeerInterpolation as DeerInterpolation
 from ._jacobian import (
     AbstractJacobianMode as AbstractJacobianMode,
@@ -13,7 +17,6 @@ from ._operator import (
 )
 from ._scan_solve import (
     AssociativeScanSolver as AssociativeScanSolver,
-    solve_linear_recurrence as solve_linear_recurrence,
 )
 from ._solver import DeerSolver as DeerSolver, DeerState as DeerState
 

@@ -19,6 +19,13 @@ class DeerInterpolation(diffrax.AbstractLocalInterpolation):
 
     Use [`deer_diffrax.DeerSolver`][]'s `interpolation_cls`, which fixes the base
     interpolation class; this class is not built by hand.
+
+    **Arguments:**
+
+    - `t0`, `t1`: the window's start and end.
+    - `ts`: the substep times, `num_substeps + 1` of them.
+    - `infos`: the base solver's dense information of every substep, stacked along
+        a leading axis.
     """
 
     t0: RealScalarLike

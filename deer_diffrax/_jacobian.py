@@ -30,7 +30,12 @@ def _probe(linear_fn: Callable[[Array], Array], struct: jax.ShapeDtypeStruct) ->
 
 
 class AbstractJacobianMode(eqx.Module):
-    """Which structure of the per-step Jacobians `J_i` the Newton iteration uses."""
+    """Which structure of the per-step Jacobians `J_i` the Newton iteration uses.
+
+    Subclass it and implement `blocks` to add a structure (block-diagonal, say).
+
+    **Arguments:** None.
+    """
 
     @abc.abstractmethod
     def blocks(
@@ -51,7 +56,10 @@ class AbstractJacobianMode(eqx.Module):
 
 class FullJacobian(AbstractJacobianMode):
     """Exact Newton: dense `n x n` blocks, `O(T n^2)` memory and `O(T n^3)` scan work.
-    Converges quadratically near the solution."""
+    Converges quadratically near the solution.
+
+    **Arguments:** None.
+    """
 
     def blocks(self, linear_fn, struct):
         out = _probe(linear_fn, struct)
@@ -63,7 +71,10 @@ class FullJacobian(AbstractJacobianMode):
 class DiagonalJacobian(AbstractJacobianMode):
     """Quasi-Newton ("quasi-DEER"): only the exact diagonal of each `J_i` is kept, so
     the scan stores `O(T n)` and costs `O(T n)`. Converges linearly; needs shorter
-    windows on strongly coupled or oscillatory dynamics. Never used for gradients."""
+    windows on strongly coupled or oscillatory dynamics. Never used for gradients.
+
+    **Arguments:** None.
+    """
 
     def blocks(self, linear_fn, struct):
         size = struct.shape[1]

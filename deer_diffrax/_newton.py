@@ -6,7 +6,6 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
@@ -19,6 +18,8 @@ from ._scan_solve import AssociativeScanSolver
 class DeerNewtonState(eqx.Module):
     """State of [`deer_diffrax.DeerNewton`][] between iterations.
 
+    **Arguments:** (built by `DeerNewton.init`, not by hand)
+
     - `residual_norm`: the scaled max-norm of the residual at the last accepted
         iterate (`inf` before the first step); `<= 1` means converged.
     - `finite`: `False` once the iteration has produced a non-finite residual that
@@ -28,8 +29,8 @@ class DeerNewtonState(eqx.Module):
     - `damping`: the current damping `lambda >= 0`; the step solves
         `(I - L / (1 + lambda)) dY = -F`, so `0` is Newton and a large value is the
         Picard (Jacobi) sweep `Y <- Phi(Y)`.
-    - `anchor`: the last accepted iterate, its residual and Jacobian blocks (`None`
-        without damping), the point a rejected trial falls back to.
+    - `anchor`: the last accepted iterate (`None` without damping), the point a
+        rejected trial falls back to.
     """
 
     residual_norm: Float[Array, ""]
@@ -37,7 +38,7 @@ class DeerNewtonState(eqx.Module):
     num_steps: Int[Array, ""]
     num_rejected: Int[Array, ""]
     damping: Float[Array, ""]
-    anchor: tuple[Array, Array, Array] | None
+    anchor: Array | None
 
 
 _MAX_DAMPING = 1e12
@@ -60,7 +61,7 @@ class DeerNewton(optx.AbstractRootFinder):
     about the square of the tolerance.
 
     **Damping.** Far from the solution the linearised recurrence can amplify
-    exponentially and the next iterate overflows (Van der Pol or Lotka--Volterra
+    exponentially and the next iterate overflows (Van der Pol or Lotka-Volterra
     over long windows). With `damping=True` a trial iterate whose residual is
     non-finite or grew more than `max_residual_growth` times is rejected: the step is
     recomputed from the last accepted iterate with the Jacobian blocks shrunk,
@@ -70,7 +71,9 @@ class DeerNewton(optx.AbstractRootFinder):
     trajectory at least one substep longer every iteration; so the damped
     iteration interpolates between Newton's quadratic convergence and a sweep that
     always makes progress. On problems where Newton works no trial is rejected and
-    the only cost is keeping the last accepted blocks (one more `O(T n^2)` array).
+    the cost is one more residual evaluation per iteration (the trial is judged
+    before it is linearised), next to the `n` Jacobian-vector products of each
+    linearisation.
 
     Non-finite residuals that damping cannot recover from stop the iteration with
     `RESULTS.nonlinear_divergence`; running out of steps gives
@@ -85,17 +88,8 @@ class DeerNewton(optx.AbstractRootFinder):
     max_residual_growth: float = eqx.field(static=True, default=1e3)
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        del fn, args, options, aux_struct, tags
-        if self.damping:
-            struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
-            blocks = jax.eval_shape(lambda: self.jacobian.blocks(lambda v: v, struct))
-            anchor = (
-                y,
-                jnp.zeros(f_struct.shape, f_struct.dtype),
-                jnp.zeros(blocks.shape, blocks.dtype),
-            )
-        else:
-            anchor = None
+        del fn, args, options, f_struct, aux_struct, tags
+        anchor = y if self.damping else None
         return DeerNewtonState(
             residual_norm=jnp.array(jnp.inf, dtype=y.dtype),
             finite=jnp.array(True),
@@ -107,45 +101,56 @@ class DeerNewton(optx.AbstractRootFinder):
 
     def step(self, fn, y, args, options, state, tags):
         del options, tags
-        residual, linear_fn, aux = jax.linearize(
-            lambda _y: fn(_y, args), y, has_aux=True
-        )
         struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        blocks = self.jacobian.blocks(linear_fn, struct)
-        scale = self.atol + self.rtol * jnp.abs(y)
-        residual_norm = self.norm(residual / scale).astype(state.residual_norm.dtype)
-        finite = jnp.all(jnp.isfinite(residual))
         first = state.num_steps == 0
 
+        def scaled_norm(residual, at):
+            scale = self.atol + self.rtol * jnp.abs(at)
+            return self.norm(residual / scale).astype(state.residual_norm.dtype)
+
         if self.damping:
-            growth_ok = residual_norm <= self.max_residual_growth * state.residual_norm
+            # Judge the trial iterate on its residual alone, and linearise only at
+            # the point the step starts from: linearising a wild trial can fail
+            # outright (an implicit base solver's own tangent solve raises on the
+            # NaNs of its failed stage solve).
+            trial_residual, _ = fn(y, args)
+            trial_norm = scaled_norm(trial_residual, y)
+            finite = jnp.all(jnp.isfinite(trial_residual))
+            growth_ok = trial_norm <= self.max_residual_growth * state.residual_norm
             # A full Picard sweep always extends the exact prefix, so at maximal
             # damping any finite trial is taken.
             picard = state.damping >= _MAX_DAMPING
             accept = finite & (first | growth_ok | picard)
-            keep = lambda new, old: jnp.where(accept, new, old)
-            anchor = jtu.tree_map(keep, (y, residual, blocks), state.anchor)
-            base_y, base_residual, base_blocks = anchor
+            anchor = jnp.where(accept, y, state.anchor)
             damping = jnp.where(
                 accept,
                 state.damping / 10,
                 jnp.minimum(jnp.maximum(10 * state.damping, 1.0), _MAX_DAMPING),
             )
-            base_blocks = base_blocks / (1 + damping)
-            residual_norm = jnp.where(accept, residual_norm, state.residual_norm)
+            residual_norm = jnp.where(accept, trial_norm, state.residual_norm)
             # Only a non-finite starting residual is beyond rescue.
             still_finite = state.finite & (finite | jnp.invert(first))
             num_rejected = state.num_rejected + jnp.where(accept, 0, 1)
+            base_y = anchor
         else:
             anchor = None
-            base_y, base_residual, base_blocks = y, residual, blocks
             damping = state.damping
-            still_finite = state.finite & finite
             num_rejected = state.num_rejected
+            base_y = y
+
+        residual, linear_fn, aux = jax.linearize(
+            lambda _y: fn(_y, args), base_y, has_aux=True
+        )
+        blocks = self.jacobian.blocks(linear_fn, struct)
+        if self.damping:
+            blocks = blocks / (1 + damping)
+        else:
+            residual_norm = scaled_norm(residual, y)
+            still_finite = state.finite & jnp.all(jnp.isfinite(residual))
 
         update = lx.linear_solve(
-            BlockBidiagonalOperator(base_blocks),
-            base_residual,
+            BlockBidiagonalOperator(blocks),
+            residual,
             AssociativeScanSolver(),
             throw=False,
         ).value

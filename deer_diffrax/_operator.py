@@ -16,6 +16,8 @@ from jaxtyping import Array, Inexact
 
 
 class _UnitLowerBlockBidiagonalTag:
+    """Lineax tag: the operator on `(T, n)` arrays is unit lower block-bidiagonal."""
+
     def __repr__(self):
         return "unit_lower_block_bidiagonal_tag"
 

@@ -26,7 +26,11 @@ from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
 
 
-_EXPLICIT_RK_NAMES = "Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, Dopri8"
+_SUPPORTED_NAMES = (
+    "explicit Runge-Kutta (Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, "
+    "Dopri8), diagonally implicit Runge-Kutta (ImplicitEuler, Kvaerno3, Kvaerno4, "
+    "Kvaerno5) or the SDE solver EulerHeun"
+)
 
 
 class DeerState(eqx.Module):
@@ -34,6 +38,8 @@ class DeerState(eqx.Module):
     (read them with `SaveAt(solver_state=True)` and `sol.solver_state`, or with
     [`deer_diffrax.diagnostics`][]). Rejected windows (adaptive step sizes) are not
     counted: Diffrax keeps the state of the last accepted window.
+
+    **Arguments:** (built by `DeerSolver.init`, not by hand)
 
     - `num_windows`: accepted windows so far.
     - `last_newton_steps`: Newton iterations of the last accepted window.
@@ -60,31 +66,57 @@ class DeerState(eqx.Module):
     previous: tuple[Array, Array] | None
 
 
-def _is_explicit_runge_kutta(solver) -> bool:
-    return isinstance(solver, (diffrax.AbstractERK, diffrax.Euler))
+def _is_supported_base_solver(solver) -> bool:
+    # Each needs a one-step map that is a pure function of the step's start: true for
+    # Runge-Kutta steps restarted with `made_jump=True`, not for multistep-like
+    # solvers that carry information between steps (e.g. reversible ones).
+    return isinstance(
+        solver,
+        (
+            diffrax.AbstractERK,
+            diffrax.AbstractDIRK,
+            diffrax.Euler,
+            diffrax.ImplicitEuler,
+            diffrax.EulerHeun,
+        ),
+    )
 
 
-def _check_terms(terms) -> None:
+def _check_terms(terms, base_solver) -> None:
     is_path = lambda x: isinstance(x, diffrax.AbstractBrownianPath)
-    for leaf in jtu.tree_leaves(terms, is_leaf=is_path):
-        if isinstance(leaf, diffrax.UnsafeBrownianPath):
+    paths = [x for x in jtu.tree_leaves(terms, is_leaf=is_path) if is_path(x)]
+    for path in paths:
+        if isinstance(path, diffrax.UnsafeBrownianPath):
             raise ValueError(
                 "DeerSolver cannot use `UnsafeBrownianPath`: its increments are not a "
                 "fixed function of time, so the one-step maps are not well defined. "
                 "Use `diffrax.VirtualBrownianTree` instead."
             )
+    sde_solvers = (diffrax.AbstractItoSolver, diffrax.AbstractStratonovichSolver)
+    if paths and not isinstance(base_solver, sde_solvers):
+        raise ValueError(
+            f"The base solver {type(base_solver).__name__} does not solve SDEs (the "
+            "terms contain a Brownian motion). Use an SDE solver as the base: "
+            "`DeerSolver(diffrax.Euler())`, `DeerSolver(diffrax.Heun())` or "
+            "`DeerSolver(diffrax.EulerHeun())`."
+        )
 
 
 def _substep(base_solver, terms, args, unravel, y_prev, t_start, t_end):
     """One base-solver step `Phi_i(y_prev)` on the flat real state."""
-    y = unravel(y_prev)
+    # A diverging Newton iterate must not reach the base solver: an implicit one
+    # would hand NaNs to its own linear solver, which raises. Step from zero instead
+    # and mark the result non-finite, which Newton's damping or failure check sees.
+    finite = jnp.all(jnp.isfinite(y_prev))
+    y = unravel(jnp.where(finite, y_prev, 0))
     base_state = base_solver.init(terms, t_start, t_end, y, args)
     # made_jump=True: FSAL methods recompute their first stage, so each substep is a
     # function of its own starting point only.
     y_next, y_error, dense_info, _, result = base_solver.step(
         terms, t_start, t_end, y, args, base_state, made_jump=True
     )
-    return real_ravel(y_next)[0], y_error, dense_info, result
+    y_next = jnp.where(finite, real_ravel(y_next)[0], jnp.nan)
+    return y_next, y_error, dense_info, result
 
 
 def _trajectory_residual(base_solver, unravel, trajectory, inputs):
@@ -129,6 +161,10 @@ def _sequential_trajectory(substep_state, y_start, ts) -> Array:
 _GUESSES = ("constant", "previous", "predictor")
 
 
+def _is_named_guess(guess, name: str) -> bool:
+    return isinstance(guess, str) and guess == name
+
+
 def default_tolerance(dtype) -> float:
     """The default Newton `rtol` and `atol` for a state of floating `dtype`: ten times
     `eps ** 0.75` (about 2e-11 in float64 and 6e-5 in float32), well above the
@@ -138,7 +174,7 @@ def default_tolerance(dtype) -> float:
     return 10 * eps**0.75
 
 
-class DeerSolver(diffrax.AbstractAdaptiveSolver):
+class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     """Parallel-in-time solver (DEER: Lim et al., ICLR 2024) for Diffrax.
 
     Each Diffrax step is a *window* `[t0, t1]` of `num_substeps` equal substeps of
@@ -180,7 +216,8 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
     max_newton_steps: int = eqx.field(static=True)
     jacobian: AbstractJacobianMode
     damping: bool = eqx.field(static=True)
-    initial_guess: str | Callable = eqx.field(static=True)
+    # Not static: a guess such as `coarse_solution.evaluate` carries arrays.
+    initial_guess: str | Callable
     predictor_stride: int = eqx.field(static=True)
     fallback: str | None = eqx.field(static=True)
 
@@ -199,12 +236,12 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
     ):
         if base_solver is None:
             base_solver = diffrax.Tsit5()
-        if isinstance(base_solver, DeerSolver) or not _is_explicit_runge_kutta(
+        if isinstance(base_solver, DeerSolver) or not _is_supported_base_solver(
             base_solver
         ):
             raise ValueError(
-                "DeerSolver needs an explicit Runge--Kutta base solver "
-                f"({_EXPLICIT_RK_NAMES}); got {type(base_solver).__name__}. "
+                "DeerSolver needs a one-step base solver: "
+                f"{_SUPPORTED_NAMES}; got {type(base_solver).__name__}. "
                 "Pass it as `DeerSolver(base_solver=diffrax.Tsit5())`."
             )
         for name, value in (
@@ -217,7 +254,11 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if tol is not None and not tol > 0:
                 raise ValueError(f"`{name}` must be positive; got {tol!r}.")
-        if not (callable(initial_guess) or initial_guess in _GUESSES):
+        if isinstance(initial_guess, str):
+            known = initial_guess in _GUESSES
+        else:
+            known = callable(initial_guess)
+        if not known:
             raise ValueError(
                 f"Unknown initial_guess {initial_guess!r}: use one of {_GUESSES} or "
                 "a function `t -> y` (for example `sol.evaluate` of a coarse solve)."
@@ -246,6 +287,17 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
         self.predictor_stride = predictor_stride
         self.fallback = fallback
 
+    # As a wrapped solver, Diffrax's `isinstance` checks (implicit? Ito? SDE-safe
+    # with adaptive steps?) see the base solver, and an implicit base solver's root
+    # finder gets the step-size controller's tolerances exactly as on its own.
+    @property
+    def solver(self):
+        return self.base_solver
+
+    @property
+    def root_finder(self):
+        return self.base_solver.root_finder
+
     @property
     def term_structure(self):
         return self.base_solver.term_structure
@@ -265,9 +317,9 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
 
     def init(self, terms, t0, t1, y0, args) -> DeerState:
         del t0, t1, args
-        _check_terms(terms)
+        _check_terms(terms, self.base_solver)
         zero = jnp.array(0, dtype=jnp.int32)
-        if self.initial_guess == "previous":
+        if _is_named_guess(self.initial_guess, "previous"):
             y_start, _ = real_ravel(y0)
             previous = (constant_guess(y_start, self.num_substeps), y_start)
         else:
@@ -287,7 +339,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
         )
 
     def _guess(self, substep, y_start, ts, solver_state):
-        if callable(self.initial_guess):
+        if not isinstance(self.initial_guess, str):
             ravel = lambda y: real_ravel(y)[0]
             return trajectory_guess(self.initial_guess, ts, ravel)
         if self.initial_guess == "previous":
@@ -406,7 +458,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver):
 
 DeerSolver.__init__.__doc__ = """**Arguments:**
 
-- `base_solver`: the explicit Runge--Kutta method of each substep (`Euler`, `Heun`,
+- `base_solver`: the explicit Runge-Kutta method of each substep (`Euler`, `Heun`,
     `Midpoint`, `Ralston`, `Bosh3`, `Tsit5` (the default, `None`), `Dopri5`,
     `Dopri8`). Its order, error estimate and interpolation are DeerSolver's.
 - `num_substeps`: substeps per window (per Diffrax step), default 100. Longer

@@ -13,16 +13,16 @@ from deer_diffrax import DeerSolver
 
 @pytest.mark.parametrize(
     "base",
-    [diffrax.Kvaerno5(), diffrax.ImplicitEuler(), diffrax.SemiImplicitEuler()],
+    [diffrax.SemiImplicitEuler(), diffrax.ReversibleHeun(), diffrax.LeapfrogMidpoint()],
     ids=lambda s: type(s).__name__,
 )
 def test_unsupported_base_solver(base):
-    with pytest.raises(ValueError, match="explicit Runge--Kutta base solver"):
+    with pytest.raises(ValueError, match="one-step base solver"):
         DeerSolver(base)
 
 
 def test_nested_deer_solver_rejected():
-    with pytest.raises(ValueError, match="explicit Runge--Kutta"):
+    with pytest.raises(ValueError, match="one-step base solver"):
         DeerSolver(DeerSolver())
 
 

@@ -1,0 +1,91 @@
+"""Readable Newton diagnostics of a DeerSolver solve."""
+
+import diffrax
+import equinox as eqx
+import numpy as np
+
+from ._solver import DeerState
+
+
+class DeerDiagnostics(eqx.Module):
+    """What the Newton solves of a [`deer_diffrax.DeerSolver`][] run did, over its
+    accepted windows (host-side numbers; `print` it for a summary).
+
+    **Arguments:** (built by [`deer_diffrax.diagnostics`][])
+
+    - `num_windows`: accepted windows.
+    - `total_newton_steps`, `mean_newton_steps`, `max_newton_steps`: Newton
+        iterations summed, averaged and maximised over windows.
+    - `newton_steps_histogram`: `{iterations: number of windows}`, non-zero entries.
+    - `last_residual`: the last window's final scaled residual (`<= 1`: within
+        tolerance).
+    - `damping_rejections`: trial iterates rejected by damping.
+    - `fallbacks`: windows finished by the sequential fallback.
+    """
+
+    num_windows: int
+    total_newton_steps: int
+    mean_newton_steps: float
+    max_newton_steps: int
+    newton_steps_histogram: dict[int, int]
+    last_residual: float
+    damping_rejections: int
+    fallbacks: int
+
+    def __str__(self):
+        histogram = ", ".join(
+            f"{k}: {v}" for k, v in sorted(self.newton_steps_histogram.items())
+        )
+        return (
+            f"DeerSolver: {self.num_windows} windows, Newton iterations per window "
+            f"mean {self.mean_newton_steps:.2f} / max {self.max_newton_steps} "
+            f"(iterations: windows = {{{histogram}}}); last residual "
+            f"{self.last_residual:.2e} of tolerance; {self.damping_rejections} "
+            f"damping rejections; {self.fallbacks} sequential fallbacks."
+        )
+
+
+def diagnostics(solution_or_state: "diffrax.Solution | DeerState") -> DeerDiagnostics:
+    """Summarise the Newton solves of a `DeerSolver` run.
+
+    **Arguments:**
+
+    - `solution_or_state`: the `diffrax.Solution` of a solve made with
+        `saveat=diffrax.SaveAt(..., solver_state=True)`, or its `DeerState`
+        (`sol.solver_state`). Not batched: index a `vmap`-ed solution first.
+
+    **Returns:** a [`deer_diffrax.DeerDiagnostics`][].
+    """
+    state = solution_or_state
+    if isinstance(state, diffrax.Solution):
+        state = state.solver_state
+        if state is None:
+            raise ValueError(
+                "The solution carries no solver state: solve with "
+                "`saveat=diffrax.SaveAt(..., solver_state=True)` to read diagnostics."
+            )
+    if not isinstance(state, DeerState):
+        raise TypeError(
+            "`diagnostics` needs a solution computed with `DeerSolver` (or its "
+            f"`DeerState`); got {type(state).__name__}."
+        )
+    if np.ndim(state.num_windows) != 0:
+        raise ValueError(
+            "These diagnostics are batched (from `vmap`); index one solve first, "
+            "e.g. `jax.tree_util.tree_map(lambda x: x[0], sol.solver_state)`."
+        )
+    windows = int(state.num_windows)
+    total = int(state.total_newton_steps)
+    histogram = np.asarray(state.newton_steps_histogram)
+    return DeerDiagnostics(
+        num_windows=windows,
+        total_newton_steps=total,
+        mean_newton_steps=total / max(windows, 1),
+        max_newton_steps=int(state.max_newton_steps),
+        newton_steps_histogram={
+            int(k): int(v) for k, v in enumerate(histogram) if v != 0
+        },
+        last_residual=float(state.last_residual),
+        damping_rejections=int(state.total_rejected),
+        fallbacks=int(state.num_fallbacks),
+    )
