@@ -91,7 +91,13 @@ def test_readme_and_index_show_the_same_example():
 
 
 @pytest.mark.parametrize(
-    "page", ["docs/index.md", "docs/getting-started.md", "docs/faq.md"]
+    "page",
+    [
+        "docs/index.md",
+        "docs/getting-started.md",
+        "docs/faq.md",
+        "docs/stiff-and-sde.md",
+    ],
 )
 def test_page_code_runs(page):
     # Blocks on a page run in order in one namespace, as a reader would paste them.
