@@ -1,0 +1,157 @@
+"""Newton iterations and CPU wall-time ratios of DeerSolver configurations.
+
+For each problem, one window layout, every Jacobian mode (full / diagonal), damping
+(on / off) and initial guess, prints the Newton iterations (mean and max over
+windows), whether the solve succeeded, the max relative difference from sequential
+Tsit5 on the same grid, and DeerSolver's wall time divided by the sequential one's.
+
+    python benchmarks/newton_table.py [--repeats 3]
+"""
+
+import argparse
+import functools as ft
+import statistics
+import time
+
+import diffrax
+import jax
+import jax.numpy as jnp
+
+import deer_diffrax
+from deer_diffrax import DeerSolver
+
+
+jax.config.update("jax_enable_x64", True)
+
+
+def _pendulum(t, y, args):
+    return jnp.stack([y[1], -jnp.sin(y[0]) - 0.05 * y[1]])
+
+
+def _van_der_pol(t, y, args):
+    return jnp.stack([y[1], (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+def _lotka_volterra(t, y, args):
+    return jnp.stack([1.5 * y[0] - y[0] * y[1], -3.0 * y[1] + y[0] * y[1]])
+
+
+def _kepler(t, y, args):
+    q, p = y[:2], y[2:]
+    return jnp.concatenate([p, -q / jnp.sum(q**2) ** 1.5])
+
+
+def _rotating_tanh(t, y, args):
+    rotation = jnp.array(
+        [[-0.1, 1.0, 0, 0], [-1.0, -0.1, 0, 0], [0, 0, -0.1, 2.0], [0, 0, -2.0, -0.1]]
+    )
+    return rotation @ y + 0.1 * jnp.tanh(y[::-1])
+
+
+# name -> (vector field, y0, t1, number of windows, substeps per window)
+PROBLEMS = {
+    "pendulum": (_pendulum, jnp.array([2.5, 0.0]), 40.0, 20, 200),
+    "van_der_pol": (_van_der_pol, jnp.array([2.0, 0.0]), 20.0, 10, 200),
+    "lotka_volterra": (_lotka_volterra, jnp.array([4.0, 2.0]), 8.0, 4, 200),
+    "kepler_e0.5": (
+        _kepler,
+        jnp.array([0.5, 0.0, 0.0, jnp.sqrt(3.0)]),
+        20.0,
+        10,
+        200,
+    ),
+    "rotating_tanh_4d": (
+        _rotating_tanh,
+        jnp.array([1.0, 0.0, -1.0, 0.5]),
+        20.0,
+        10,
+        400,
+    ),
+}
+GUESSES = ["constant", "previous", "predictor"]
+
+
+def _timed(fn, repeats):
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
+
+
+def _sequential_solver(term, t1, window, substeps, windows):
+    @jax.jit
+    def solve(y0):
+        sol = diffrax.diffeqsolve(
+            term,
+            diffrax.Tsit5(),
+            0.0,
+            t1,
+            window / substeps,
+            y0,
+            max_steps=windows * substeps + 1,
+        )
+        return sol.ys[-1]
+
+    return solve
+
+
+def _deer_solver(term, solver, t1, window, windows):
+    @jax.jit
+    def solve(y0):
+        sol = diffrax.diffeqsolve(
+            term,
+            solver,
+            0.0,
+            t1,
+            window,
+            y0,
+            max_steps=windows,
+            saveat=diffrax.SaveAt(t1=True, solver_state=True),
+            throw=False,
+        )
+        return sol.ys[-1], sol.solver_state, sol.result
+
+    return solve
+
+
+def main(repeats=3):
+    print(
+        "| problem | mode | damping | guess | ok | iters mean/max | rel. diff | "
+        "time ratio DEER/seq |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (field, y0, t1, windows, substeps) in PROBLEMS.items():
+        term = diffrax.ODETerm(field)
+        window = t1 / windows
+        sequential = _sequential_solver(term, t1, window, substeps, windows)
+        y_seq, t_seq = _timed(ft.partial(sequential, y0), repeats)
+        for mode in ["full", "diagonal"]:
+            for damping in [False, True]:
+                for guess in GUESSES:
+                    solver = DeerSolver(
+                        num_substeps=substeps,
+                        jacobian=mode,
+                        damping=damping,
+                        initial_guess=guess,
+                        max_newton_steps=200,
+                    )
+                    deer = _deer_solver(term, solver, t1, window, windows)
+                    (y, state, result), t_deer = _timed(ft.partial(deer, y0), repeats)
+                    ok = bool(result == diffrax.RESULTS.successful)
+                    info = deer_diffrax.diagnostics(state)
+                    diff = float(jnp.max(jnp.abs(y - y_seq)) / jnp.max(jnp.abs(y_seq)))
+                    print(
+                        f"| {name} | {mode} | {damping} | {guess} | {ok} | "
+                        f"{info.mean_newton_steps:.1f}/{info.max_newton_steps} | "
+                        f"{diff:.1e} | {t_deer / t_seq:.1f} |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    main(parser.parse_args().repeats)
