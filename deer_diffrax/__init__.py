@@ -17,6 +17,7 @@ from ._operator import (
 )
 from ._scan_solve import (
     AssociativeScanSolver as AssociativeScanSolver,
+    solve_linear_recurrence as solve_linear_recurrence,
 )
 from ._solver import DeerSolver as DeerSolver, DeerState as DeerState
 
