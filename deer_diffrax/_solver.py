@@ -299,6 +299,13 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         return self.base_solver.root_finder
 
     @property
+    def scan_kind(self):
+        # Read by Diffrax's `DirectAdjoint`/`ForwardMode` for Runge-Kutta solvers
+        # (which the wrapped `isinstance` makes us look like); `__init__` already
+        # made the base's stage loop forward-differentiable.
+        return self.base_solver.scan_kind
+
+    @property
     def term_structure(self):
         return self.base_solver.term_structure
 

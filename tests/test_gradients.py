@@ -1,0 +1,451 @@
+"""Differentiating through DeerSolver, against sequential Diffrax on the same grid.
+
+DeerSolver's windows are solved by Newton's method, but the trajectory it returns is
+the sequential base solver's trajectory on the same grid (to the Newton tolerance), so
+every exact derivative of a loss (reverse mode, forward mode, any Diffrax adjoint
+that differentiates the discretisation) must equal the sequential one to about the
+same relative precision. Inside a window the derivative comes from the implicit
+function theorem (one transposed scan), never from the Newton iterations; the last
+tests check that the cost of the backward pass does not depend on them.
+
+To keep compilation (the bulk of the runtime on a CPU) down, the problem is small and
+the sequential reference gradient is computed once and shared by the tests.
+"""
+
+import functools as ft
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.extend
+import jax.numpy as jnp
+import jax.random as jr
+import jax.tree_util as jtu
+import optimistix as optx
+import pytest
+from helpers import max_relative_difference
+
+from deer_diffrax import (
+    DeerNewton,
+    DeerSolver,
+    unit_lower_block_bidiagonal_tag,
+)
+
+
+# Exact derivatives of the same discretisation: DEER's only deviation from the
+# sequential solve is the Newton tolerance (its last full Newton step leaves an error
+# near rounding), so 1e-8 leaves ample room and still catches any real mistake.
+_EXACT_RTOL = 1e-8
+
+_T1 = 1.0
+_NUM_WINDOWS = 2
+_NUM_SUBSTEPS = 16
+_WINDOW = _T1 / _NUM_WINDOWS
+# The sequential grid: the same substeps, one Diffrax step each.
+_DT = _WINDOW / _NUM_SUBSTEPS
+# Save times both between grid points (interpolated) and on window boundaries.
+_TS = jnp.array([0.1, 0.35, 0.5, 0.8, 1.0])
+
+
+class _Field(eqx.Module):
+    """A small neural vector field with two differentiable scalar arguments."""
+
+    mlp: eqx.nn.MLP
+
+    def __call__(self, t, y, args):
+        return args["gain"] * jnp.tanh(self.mlp(y)) - args["decay"] * y
+
+
+def _make_inputs():
+    mlp = eqx.nn.MLP(2, 2, width_size=8, depth=1, activation=jnp.tanh, key=jr.key(0))
+    field = _Field(mlp)
+    y0 = jnp.array([0.8, -0.4])
+    args = {"gain": jnp.array(1.3), "decay": jnp.array(0.2)}
+    return field, y0, args
+
+
+_FIELD, _Y0, _ARGS = _make_inputs()
+# The field's arrays (what jax.grad differentiates) and the rest (activation, shapes).
+_PARAMS, _STATIC = eqx.partition(_FIELD, eqx.is_inexact_array)
+
+
+_DEER = DeerSolver(diffrax.Tsit5(), num_substeps=_NUM_SUBSTEPS)
+_SEQUENTIAL = diffrax.Tsit5()
+
+
+def _solve(field, y0, args, solver, adjoint, saveat):
+    """Solve on the shared grid: DeerSolver steps are windows, sequential steps are
+    substeps."""
+    deer = isinstance(solver, DeerSolver)
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        solver,
+        0.0,
+        _T1,
+        _WINDOW if deer else _DT,
+        y0,
+        args=args,
+        saveat=saveat,
+        adjoint=adjoint,
+        stepsize_controller=diffrax.ConstantStepSize(),
+        max_steps=_NUM_WINDOWS if deer else _NUM_WINDOWS * _NUM_SUBSTEPS,
+    )
+
+
+def _objective(ys):
+    # Nonlinear in the states, so every save time and component contributes.
+    return jnp.sum(ys**2) + jnp.sum(jnp.sin(3 * ys))
+
+
+def _field_loss(inputs, solver=_DEER, adjoint=None):
+    """A loss through `SaveAt(ts=...)` of `inputs = (field, y0, args)`."""
+    field, y0, args = inputs
+    if adjoint is None:
+        adjoint = diffrax.RecursiveCheckpointAdjoint()
+    sol = _solve(field, y0, args, solver, adjoint, diffrax.SaveAt(ts=_TS))
+    return _objective(sol.ys)
+
+
+def _loss(params, y0, args, **kwargs):
+    """The same loss as a function of arrays only, for `jax.grad` and friends."""
+    return _field_loss((eqx.combine(params, _STATIC), y0, args), **kwargs)
+
+
+_ARGNUMS = (0, 1, 2)  # params, y0, args
+
+
+@jax.jit
+def _sequential_value_and_grad(params, y0, args):
+    return jax.value_and_grad(ft.partial(_loss, solver=_SEQUENTIAL), _ARGNUMS)(
+        params, y0, args
+    )
+
+
+@ft.cache
+def _reference():
+    """The sequential (exact, discrete) loss and gradient at the shared inputs."""
+    return _sequential_value_and_grad(_PARAMS, _Y0, _ARGS)
+
+
+class _NeuralODE(eqx.Module):
+    """A model as users write it for training: the solver is part of the model."""
+
+    field: _Field
+    solver: diffrax.AbstractSolver
+
+    def __call__(self, y0, args):
+        adjoint = diffrax.RecursiveCheckpointAdjoint()
+        saveat = diffrax.SaveAt(ts=_TS)
+        return _solve(self.field, y0, args, self.solver, adjoint, saveat).ys
+
+
+def _model_loss(inputs):
+    model, y0, args = inputs
+    return _objective(model(y0, args))
+
+
+@ft.cache
+def _deer_value_and_grads():
+    """DeerSolver's loss and gradient under the default adjoint, by
+    `eqx.filter_value_and_grad` of an Equinox model (computed once, shared by
+    several tests). Returns the value, the model's gradient (`None` at non-array
+    leaves) and the gradient in the structure of `(_PARAMS, _Y0, _ARGS)`."""
+    inputs = (_NeuralODE(_FIELD, _DEER), _Y0, _ARGS)
+    value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(_model_loss))
+    value, (model_grads, y0_grad, args_grad) = value_and_grad(inputs)
+    return value, model_grads, (model_grads.field, y0_grad, args_grad)
+
+
+def _assert_grads_match(grads, expected, rtol=_EXACT_RTOL):
+    """Compare each of (params, y0, args) on its own scale, and make sure none is a
+    trivially zero gradient."""
+    for name, got, want in zip(("params", "y0", "args"), grads, expected, strict=True):
+        assert max(float(jnp.max(jnp.abs(x))) for x in jtu.tree_leaves(want)) > 1e-3
+        difference = max_relative_difference(got, want)
+        assert difference <= rtol, f"{name}: relative difference {difference:.2e}"
+
+
+def _tree_dot(a, b):
+    return sum(jtu.tree_leaves(jtu.tree_map(jnp.vdot, a, b)))
+
+
+def _random_like(tree, key):
+    leaves, treedef = jtu.tree_flatten(tree)
+    keys = jr.split(key, len(leaves))
+    samples = [jr.normal(keys[i], x.shape, x.dtype) for i, x in enumerate(leaves)]
+    return jtu.tree_unflatten(treedef, samples)
+
+
+# ---------------------------------------------------------------------------------
+# Reverse mode: every exact adjoint equals the sequential gradient.
+# ---------------------------------------------------------------------------------
+
+
+def test_recursive_checkpoint_adjoint_matches_sequential():
+    # The default adjoint, with respect to the MLP's parameters, the initial state
+    # and the args at once.
+    _assert_grads_match(_deer_value_and_grads()[2], _reference()[1])
+
+
+def test_direct_adjoint_matches_sequential():
+    loss = ft.partial(_loss, adjoint=diffrax.DirectAdjoint())
+    grads = jax.jit(jax.grad(loss, _ARGNUMS))(_PARAMS, _Y0, _ARGS)
+    _assert_grads_match(grads, _reference()[1])
+
+
+def test_backsolve_adjoint():
+    # BacksolveAdjoint integrates the continuous adjoint ODE backwards in time, here
+    # with DeerSolver again (the same windows of the same substeps). Its gradient is
+    # only an approximation of the exact derivative of the discretisation (to the
+    # truncation error of the backward solve), so the reference is sequential Tsit5
+    # under BacksolveAdjoint on the same grid: the same backward discretisation,
+    # which DEER must reproduce to the Newton tolerance, like a forward solve.
+    # (Loss of the final state only: with `SaveAt(ts=...)` Backsolve runs one backward
+    # solve per interval, which costs more compilation without testing more.)
+    adjoint = diffrax.BacksolveAdjoint()
+
+    def loss(params, y0, args, solver):
+        field = eqx.combine(params, _STATIC)
+        sol = _solve(field, y0, args, solver, adjoint, diffrax.SaveAt(t1=True))
+        return _objective(sol.ys)
+
+    grad = lambda solver: jax.jit(jax.grad(ft.partial(loss, solver=solver), _ARGNUMS))
+    grads = grad(_DEER)(_PARAMS, _Y0, _ARGS)
+    _assert_grads_match(grads, grad(_SEQUENTIAL)(_PARAMS, _Y0, _ARGS))
+
+
+# ---------------------------------------------------------------------------------
+# Forward mode.
+# ---------------------------------------------------------------------------------
+
+
+def test_forward_mode_jvp():
+    # A directional derivative along a random tangent in (params, y0, args), which
+    # must be <sequential gradient, tangent>.
+    tangents = _random_like((_PARAMS, _Y0, _ARGS), jr.key(1))
+    loss = ft.partial(_loss, adjoint=diffrax.ForwardMode())
+
+    @jax.jit
+    def jvp(primals, tangents):
+        return jax.jvp(lambda p: loss(*p), (primals,), (tangents,))
+
+    value, derivative = jvp((_PARAMS, _Y0, _ARGS), tangents)
+    ref_value, ref_grads = _reference()
+    expected = _tree_dot(ref_grads, tangents)
+    assert abs(float(value - ref_value)) <= _EXACT_RTOL * abs(float(ref_value))
+    assert abs(float(derivative - expected)) <= _EXACT_RTOL * abs(float(expected))
+
+
+def test_forward_mode_jacfwd():
+    # `jax.jacfwd` pushes one tangent per input entry (a vmapped jvp), so for a
+    # scalar loss it is the gradient, computed entirely in forward mode.
+    loss = ft.partial(_loss, adjoint=diffrax.ForwardMode())
+    grads = jax.jit(jax.jacfwd(loss, _ARGNUMS))(_PARAMS, _Y0, _ARGS)
+    _assert_grads_match(grads, _reference()[1])
+
+
+# ---------------------------------------------------------------------------------
+# Independent check, and the other ways a loss can read the solution.
+# ---------------------------------------------------------------------------------
+
+
+def test_central_finite_differences():
+    # Independent of any autodiff rule: central differences of DeerSolver's own loss
+    # along random directions in (params, y0, args). Step 1e-5 balances truncation
+    # (~h^2 ~ 1e-10) against rounding and Newton-tolerance noise in the loss
+    # (~1e-15 / h ~ 1e-10); a wrong gradient is off by O(1).
+    loss = jax.jit(_loss)
+    grads = _deer_value_and_grads()[2]
+    primals = (_PARAMS, _Y0, _ARGS)
+    step = 1e-5
+    for seed in range(3):
+        direction = _random_like(primals, jr.key(10 + seed))
+        plus = jtu.tree_map(lambda x, v: x + step * v, primals, direction)
+        minus = jtu.tree_map(lambda x, v: x - step * v, primals, direction)
+        difference = (loss(*plus) - loss(*minus)) / (2 * step)
+        expected = _tree_dot(grads, direction)
+        assert abs(float(difference - expected)) <= 1e-6 * abs(float(expected))
+
+
+def test_dense_output_gradient():
+    # The parallel way to read many times: `SaveAt(dense=True)` and a vmapped
+    # `sol.evaluate`. It evaluates the same local interpolants that `SaveAt(ts=...)`
+    # saves, so its gradient must equal the sequential `SaveAt(ts=...)` gradient.
+    # Differentiated with `eqx.filter_grad` with respect to the Equinox vector field
+    # (and y0 and args) directly.
+    def loss(inputs):
+        field, y0, args = inputs
+        adjoint = diffrax.RecursiveCheckpointAdjoint()
+        sol = _solve(field, y0, args, _DEER, adjoint, diffrax.SaveAt(dense=True))
+        return _objective(jax.vmap(sol.evaluate)(_TS))
+
+    grads = eqx.filter_jit(eqx.filter_grad(loss))((_FIELD, _Y0, _ARGS))
+    _assert_grads_match(grads, _reference()[1])
+
+
+# ---------------------------------------------------------------------------------
+# Transformations: jit, vmap of grad, grad of vmap, Equinox filtered transforms.
+# ---------------------------------------------------------------------------------
+
+
+_Y0_BATCH = jnp.array([[0.8, -0.4], [-0.5, 0.6], [0.2, 1.0]])
+
+
+def _sequential_grads_per_member():
+    # The (already compiled) sequential gradient, one batch member at a time.
+    return [_sequential_value_and_grad(_PARAMS, y0, _ARGS)[1] for y0 in _Y0_BATCH]
+
+
+def test_jit_vmap_of_grad():
+    batched = jax.jit(jax.vmap(jax.grad(_loss, _ARGNUMS), in_axes=(None, 0, None)))
+    grads = batched(_PARAMS, _Y0_BATCH, _ARGS)
+    for i, expected in enumerate(_sequential_grads_per_member()):
+        member = jtu.tree_map(lambda g, i=i: g[i], grads)
+        _assert_grads_match(member, expected)
+
+
+def test_grad_of_vmap():
+    def mean_loss(params, y0s, args):
+        losses = jax.vmap(_loss, in_axes=(None, 0, None))(params, y0s, args)
+        return jnp.mean(losses)
+
+    params_grad, y0s_grad, args_grad = jax.jit(jax.grad(mean_loss, _ARGNUMS))(
+        _PARAMS, _Y0_BATCH, _ARGS
+    )
+    per_member = _sequential_grads_per_member()
+    size = len(per_member)
+    mean = lambda *trees: jtu.tree_map(lambda *xs: sum(xs) / size, *trees)
+    expected_y0s = jnp.stack([g[1] for g in per_member]) / size
+    _assert_grads_match(
+        (params_grad, y0s_grad, args_grad),
+        (
+            mean(*[g[0] for g in per_member]),
+            expected_y0s,
+            mean(*[g[2] for g in per_member]),
+        ),
+    )
+
+
+def test_equinox_filter_value_and_grad():
+    # The model's gradient has the model's structure: the MLP's arrays get
+    # gradients, the solver (no arrays) none.
+    value, model_grads, _ = _deer_value_and_grads()
+    ref_value = _reference()[0]
+    assert abs(float(value - ref_value)) <= _EXACT_RTOL * abs(float(ref_value))
+    assert isinstance(model_grads, _NeuralODE)
+    assert jtu.tree_leaves(model_grads.solver) == []
+    assert isinstance(model_grads.field.mlp, eqx.nn.MLP)
+
+
+# ---------------------------------------------------------------------------------
+# The backward pass does not depend on the Newton iterations.
+# ---------------------------------------------------------------------------------
+
+
+def _num_equations(jaxpr) -> int:
+    """Equations in a jaxpr, counting those of nested sub-jaxprs."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            count += _num_equations(sub)
+    return count
+
+
+def _compiled_with_sizes(fn, *args):
+    """Compile once; return the executable, its temporary memory in bytes and the
+    number of equations of its jaxpr."""
+    traced = jax.jit(fn).trace(*args)
+    compiled = traced.lower().compile()
+    temp_bytes = compiled.memory_analysis().temp_size_in_bytes
+    return compiled, temp_bytes, _num_equations(traced.jaxpr.jaxpr)
+
+
+# One long window of Euler substeps, so that anything stored per Newton iteration
+# (the trajectory and its (T, n, n) Jacobian blocks) would be a large part of the
+# memory. The window is short enough for Newton to converge in three iterations.
+_LONG_WINDOW_SUBSTEPS = 400
+_LONG_WINDOW = 0.25
+
+
+def _long_window_grad(max_newton_steps):
+    solver = DeerSolver(
+        diffrax.Euler(),
+        num_substeps=_LONG_WINDOW_SUBSTEPS,
+        max_newton_steps=max_newton_steps,
+    )
+
+    def loss(params, y0, args):
+        field = eqx.combine(params, _STATIC)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            solver,
+            0.0,
+            _LONG_WINDOW,
+            _LONG_WINDOW,
+            y0,
+            args=args,
+            saveat=diffrax.SaveAt(t1=True, solver_state=True),
+            # One window. (Diffrax's default `max_steps=4096` would give it that
+            # many checkpoints of the solver state, in which the histogram of Newton
+            # counts, `max_newton_steps + 1` entries, adds a size difference that
+            # has nothing to do with the backward pass.)
+            max_steps=1,
+        )
+        return jnp.sum(sol.ys**2), sol.solver_state.max_newton_steps
+
+    return jax.grad(loss, _ARGNUMS, has_aux=True)
+
+
+def test_backward_pass_independent_of_newton_iterations():
+    inputs = (_PARAMS, _Y0, _ARGS)
+    few, memory_few, size_few = _compiled_with_sizes(_long_window_grad(3), *inputs)
+    many, memory_many, size_many = _compiled_with_sizes(_long_window_grad(30), *inputs)
+    # Both converge, in the same (at most three) iterations, to the same gradient.
+    grads_few, steps_few = few(*inputs)
+    grads_many, steps_many = many(*inputs)
+    assert int(steps_few) <= 3 and int(steps_many) == int(steps_few)
+    assert max_relative_difference(grads_few, grads_many) <= _EXACT_RTOL
+    # Differentiating through the iterations would store up to ten times as many
+    # iterates (see the control below); the implicit gradient stores none. A few
+    # bytes may differ: the solver state's histogram of Newton counts has
+    # `max_newton_steps + 1` entries.
+    assert memory_many <= 1.05 * memory_few, (memory_few, memory_many)
+    assert size_many == size_few
+
+
+@pytest.mark.slow
+def test_memory_measure_detects_backprop_through_iterations():
+    # Control for the test above: the same measurement grows with the iteration cap
+    # when a root find *is* differentiated through its iterations (Optimistix's
+    # RecursiveCheckpointAdjoint with a checkpoint per step). Same Newton solver, on
+    # an explicit Euler trajectory residual of the same length.
+    num_times = _LONG_WINDOW_SUBSTEPS
+    dt = _LONG_WINDOW / num_times
+    matrix = jnp.array([[0.1, 1.0], [-1.0, 0.1]])
+
+    def residual(trajectory, inputs):
+        y0, matrix = inputs
+        previous = jnp.concatenate([y0[None], trajectory[:-1]])
+        slopes = jnp.tanh(previous @ matrix.T) - 0.1 * previous
+        return trajectory - (previous + dt * slopes)
+
+    def grad_fn(max_steps):
+        def loss(y0, matrix):
+            guess = jnp.broadcast_to(y0, (num_times,) + y0.shape)
+            sol = optx.root_find(
+                residual,
+                DeerNewton(rtol=1e-10, atol=1e-10),
+                guess,
+                args=(y0, matrix),
+                max_steps=max_steps,
+                adjoint=optx.RecursiveCheckpointAdjoint(checkpoints=max_steps),
+                tags=frozenset({unit_lower_block_bidiagonal_tag}),
+            )
+            return jnp.sum(sol.value[-1] ** 2)
+
+        return jax.grad(loss, (0, 1))
+
+    _, stored_few, _ = _compiled_with_sizes(grad_fn(3), _Y0, matrix)
+    _, stored_many, _ = _compiled_with_sizes(grad_fn(30), _Y0, matrix)
+    assert stored_many >= 2 * stored_few, (stored_few, stored_many)
