@@ -79,12 +79,13 @@ class DiagonalJacobian(AbstractJacobianMode):
     def blocks(self, linear_fn, struct):
         size = struct.shape[1]
 
-        # One probe at a time keeps the (n, T, n) probe outputs from being stored.
         def diagonal_entry(j):
             probe = jnp.zeros(struct.shape, struct.dtype).at[:, j].set(1)
             return linear_fn(probe)[:, j]
 
-        out = jax.lax.map(diagonal_entry, jnp.arange(size))
+        # Batches of probes: parallel enough to fill the device, while the stored
+        # outputs stay at most `batch x T x n` rather than `n x T x n`.
+        out = jax.lax.map(diagonal_entry, jnp.arange(size), batch_size=min(size, 16))
         return 1 - out.T
 
 
