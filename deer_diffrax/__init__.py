@@ -15,6 +15,7 @@ from ._operator import (
     BlockBidiagonalOperator as BlockBidiagonalOperator,
     unit_lower_block_bidiagonal_tag as unit_lower_block_bidiagonal_tag,
 )
+from ._recurrence import scan as scan, ScanStats as ScanStats
 from ._scan_solve import (
     AssociativeScanSolver as AssociativeScanSolver,
     solve_linear_recurrence as solve_linear_recurrence,

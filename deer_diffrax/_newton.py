@@ -31,8 +31,9 @@ class DeerNewtonState(eqx.Module):
     - `damping`: the current damping `lambda >= 0`; the step solves
         `(I - L / (1 + lambda)) dY = -F`, so `0` is Newton and a large value is the
         Picard (Jacobi) sweep `Y <- Phi(Y)`.
-    - `anchor`: the last accepted iterate (`None` without damping), the point a
-        rejected trial falls back to.
+    - `anchor`: the iterate the last step started from (with damping: the last
+        accepted one), at which `residual_norm` was measured; a rejected trial falls
+        back to it, and it is returned if the final step made things worse.
     """
 
     residual_norm: Float[Array, ""]
@@ -42,7 +43,7 @@ class DeerNewtonState(eqx.Module):
     num_steps: Int[Array, ""]
     num_rejected: Int[Array, ""]
     damping: Float[Array, ""]
-    anchor: Array | None
+    anchor: Array
 
 
 _MAX_DAMPING = 1e12
@@ -93,7 +94,7 @@ class DeerNewton(optx.AbstractRootFinder):
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del fn, args, options, f_struct, aux_struct, tags
-        anchor = y if self.damping else None
+        anchor = y
         return DeerNewtonState(
             residual_norm=jnp.array(jnp.inf, dtype=y.dtype),
             update_norm=jnp.array(jnp.inf, dtype=y.dtype),
@@ -139,7 +140,7 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected = state.num_rejected + jnp.where(accept, 0, 1)
             base_y = anchor
         else:
-            anchor = None
+            anchor = y
             damping = state.damping
             num_rejected = state.num_rejected
             base_y = y
@@ -161,7 +162,20 @@ class DeerNewton(optx.AbstractRootFinder):
             throw=False,
         ).value
         new_y = base_y - update
-        if not self.damping:
+        if self.damping:
+            # A non-finite trial would stop Optimistix's loop before the next step
+            # could reject it: reject it here, staying at the anchor. The next step
+            # re-accepts the anchor and divides the damping by 10, so raise it by
+            # 100 to come back with ten times more.
+            update_finite = jnp.all(jnp.isfinite(new_y))
+            new_y = jnp.where(update_finite, new_y, base_y)
+            damping = jnp.where(
+                update_finite,
+                damping,
+                jnp.minimum(jnp.maximum(100 * damping, 10.0), _MAX_DAMPING),
+            )
+            num_rejected = num_rejected + jnp.where(update_finite, 0, 1)
+        else:
             still_finite = still_finite & jnp.all(jnp.isfinite(update))
         new_state = DeerNewtonState(
             residual_norm=residual_norm,
@@ -192,13 +206,21 @@ class DeerNewton(optx.AbstractRootFinder):
         return converged | diverged, result
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
-        del fn, args, options, tags, result
+        del options, tags, result
+        # The iteration stops once the residual at `state.anchor` is within tolerance
+        # and returns the iterate one step later. That step is usually a further
+        # (quadratic) improvement, but where the linearised recurrence amplifies
+        # strongly it can spoil the answer: check it, and keep the better of the two.
+        residual, _ = fn(y, args)
+        norm = self.norm(residual / (self.atol + self.rtol * jnp.abs(y)))
+        keep_last = norm <= state.residual_norm  # False for a NaN residual
         stats: dict[str, Any] = dict(
             residual_norm=state.residual_norm,
+            final_residual_norm=jnp.where(keep_last, norm, state.residual_norm),
             num_newton_steps=state.num_steps,
             num_rejected=state.num_rejected,
         )
-        return y, aux, stats
+        return jnp.where(keep_last, y, state.anchor), aux, stats
 
 
 DeerNewton.__init__.__doc__ = """**Arguments:**

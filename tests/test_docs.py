@@ -97,6 +97,7 @@ def test_readme_and_index_show_the_same_example():
         "docs/getting-started.md",
         "docs/faq.md",
         "docs/stiff-and-sde.md",
+        "docs/recurrences.md",
     ],
 )
 def test_page_code_runs(page):
