@@ -25,6 +25,22 @@ def previous_window_guess(
     return previous - previous_start[None] + y_start[None]
 
 
+def sequential_trajectory(
+    substep: Callable[[Array, Array, Array], Array],
+    y_start: Float[Array, " n"],
+    ts: Float[Array, " T_plus_1"],
+) -> Array:
+    """The states after each interval of `ts`, stepping `substep(y, t0, t1)` one
+    interval after another (a `lax.scan`: sequential in time)."""
+
+    def body(y, t_pair):
+        y_next = substep(y, t_pair[0], t_pair[1])
+        return y_next, y_next
+
+    _, trajectory = jax.lax.scan(body, y_start, jnp.stack([ts[:-1], ts[1:]], axis=1))
+    return trajectory
+
+
 def predictor_guess(
     substep: Callable[[Array, Array, Array], Array],
     y_start: Float[Array, " n"],
@@ -40,14 +56,7 @@ def predictor_guess(
     num_substeps = ts.shape[0] - 1
     num_coarse = max(1, -(-num_substeps // stride))
     coarse_ts = jnp.linspace(ts[0], ts[-1], num_coarse + 1)
-
-    def coarse_step(y, t_pair):
-        y_next = substep(y, t_pair[0], t_pair[1])
-        return y_next, y_next
-
-    _, coarse = jax.lax.scan(
-        coarse_step, y_start, jnp.stack([coarse_ts[:-1], coarse_ts[1:]], axis=1)
-    )
+    coarse = sequential_trajectory(substep, y_start, coarse_ts)
     coarse = jnp.concatenate([y_start[None], coarse])
     # Interpolate in the state's dtype (times may be float32 under a float64 state).
     coarse_ts = coarse_ts.astype(coarse.dtype)

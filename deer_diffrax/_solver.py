@@ -16,6 +16,7 @@ from ._guess import (
     constant_guess,
     predictor_guess,
     previous_window_guess,
+    sequential_trajectory,
     trajectory_guess,
 )
 from ._interpolation import deer_interpolation_cls
@@ -147,15 +148,6 @@ def _substep_times(t0, t1, num_substeps: int) -> Array:
     ts = t0 + (t1 - t0) * fractions
     # Hit the window's end exactly, so consecutive windows share their boundary.
     return ts.at[-1].set(t1)
-
-
-def _sequential_trajectory(substep_state, y_start, ts) -> Array:
-    def body(y, t_pair):
-        y_next = substep_state(y, t_pair[0], t_pair[1])
-        return y_next, y_next
-
-    _, trajectory = jax.lax.scan(body, y_start, jnp.stack([ts[:-1], ts[1:]], axis=1))
-    return trajectory
 
 
 _GUESSES = ("constant", "previous", "predictor")
@@ -404,7 +396,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             # runs for every batch member: the price of the guarantee.
             trajectory = jax.lax.cond(
                 newton_failed,
-                lambda: _sequential_trajectory(substep_state, y_start, ts),
+                lambda: sequential_trajectory(substep_state, y_start, ts),
                 lambda: trajectory,
             )
             result = diffrax.RESULTS.successful
