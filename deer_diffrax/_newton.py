@@ -91,6 +91,7 @@ class DeerNewton(optx.AbstractRootFinder):
     jacobian: AbstractJacobianMode = FullJacobian()
     damping: bool = eqx.field(static=True, default=True)
     max_residual_growth: float = eqx.field(static=True, default=1e3)
+    linear_solver: lx.AbstractLinearSolver = AssociativeScanSolver()
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del fn, args, options, f_struct, aux_struct, tags
@@ -158,7 +159,7 @@ class DeerNewton(optx.AbstractRootFinder):
         update = lx.linear_solve(
             BlockBidiagonalOperator(blocks),
             residual,
-            AssociativeScanSolver(),
+            self.linear_solver,
             throw=False,
         ).value
         new_y = base_y - update
@@ -234,4 +235,6 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
     `True`; see above).
 - `max_residual_growth`: the factor by which the scaled residual norm may grow from
     one accepted iterate to the next trial before the trial is rejected.
+- `linear_solver`: the Lineax solver of each Newton step's block-bidiagonal system
+    (default [`deer_diffrax.AssociativeScanSolver`][]).
 """

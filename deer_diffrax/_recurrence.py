@@ -16,6 +16,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
@@ -208,6 +209,7 @@ def scan(
     initial_guess: PyTree[ArrayLike] | None = None,
     throw: bool = True,
     return_stats: bool = False,
+    linear_solver: lx.AbstractLinearSolver | None = None,
 ) -> PyTree[Array] | tuple[PyTree[Array], ScanStats]:
     """Run the recurrence `h_t = cell(h_{t-1}, x_t)`, `t = 1..T`, in parallel over
     time (DEER: Lim et al., ICLR 2024), returning every state.
@@ -290,6 +292,8 @@ def scan(
         then required.
     - `return_stats`: also return a [`deer_diffrax.ScanStats`][] with the Newton
         iteration count, the final residual and the result code.
+    - `linear_solver`: the Lineax solver of the linearised recurrences (Newton steps
+        and gradients); default [`deer_diffrax.AssociativeScanSolver`][].
 
     **Returns:**
 
@@ -320,6 +324,8 @@ def scan(
             "`stats.result`)."
         )
     mode = jacobian_mode(jacobian)
+    if linear_solver is None:
+        linear_solver = AssociativeScanSolver()
     _check_carry(h0)
     h0 = jtu.tree_map(jnp.asarray, h0)
     xs = jtu.tree_map(jnp.asarray, xs)
@@ -353,6 +359,7 @@ def scan(
         atol=default if atol is None else atol,
         jacobian=mode,
         damping=damping,
+        linear_solver=linear_solver,
     )
     inputs = (flat_cell, h0_flat, xs)
     solution = optx.root_find(
@@ -361,7 +368,7 @@ def scan(
         guess,
         args=inputs,
         max_steps=max_newton_steps,
-        adjoint=optx.ImplicitAdjoint(linear_solver=AssociativeScanSolver()),
+        adjoint=optx.ImplicitAdjoint(linear_solver=linear_solver),
         # Errors are raised below, with messages about this function's options.
         throw=False,
         tags=frozenset({unit_lower_block_bidiagonal_tag}),

@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree
 
@@ -212,6 +213,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     initial_guess: str | Callable
     predictor_stride: int = eqx.field(static=True)
     fallback: str | None = eqx.field(static=True)
+    linear_solver: lx.AbstractLinearSolver
 
     def __init__(
         self,
@@ -225,6 +227,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         initial_guess: "str | Callable" = "constant",
         predictor_stride: int = 10,
         fallback: str | None = None,
+        linear_solver: lx.AbstractLinearSolver | None = None,
     ):
         if base_solver is None:
             base_solver = diffrax.Tsit5()
@@ -278,6 +281,15 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         self.initial_guess = initial_guess
         self.predictor_stride = predictor_stride
         self.fallback = fallback
+        if linear_solver is None:
+            linear_solver = AssociativeScanSolver()
+        if not isinstance(linear_solver, lx.AbstractLinearSolver):
+            raise ValueError(
+                "`linear_solver` must be a Lineax solver for block-bidiagonal "
+                "systems (e.g. `deer_diffrax.AssociativeScanSolver()`); got "
+                f"{linear_solver!r}."
+            )
+        self.linear_solver = linear_solver
 
     # As a wrapped solver, Diffrax's `isinstance` checks (implicit? Ito? SDE-safe
     # with adaptive steps?) see the base solver, and an implicit base solver's root
@@ -376,6 +388,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             atol=default if self.atol is None else self.atol,
             jacobian=self.jacobian,
             damping=self.damping,
+            linear_solver=self.linear_solver,
         )
         guess = self._guess(substep_state, y_start, ts, solver_state)
         solution = optx.root_find(
@@ -384,7 +397,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             guess,
             args=(terms, y_start, ts, args),
             max_steps=self.max_newton_steps,
-            adjoint=optx.ImplicitAdjoint(linear_solver=AssociativeScanSolver()),
+            adjoint=optx.ImplicitAdjoint(linear_solver=self.linear_solver),
             throw=False,
             tags=frozenset({unit_lower_block_bidiagonal_tag}),
         )
@@ -488,4 +501,7 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
 - `fallback`: `None` (default: a failed window is reported) or `"sequential"`: a
     window whose Newton solve fails is finished by the base solver one substep at a
     time; `DeerState.num_fallbacks` records it.
+- `linear_solver`: the Lineax solver of the block-bidiagonal system of every Newton
+    step and of the implicit-function-theorem solve for gradients (default
+    [`deer_diffrax.AssociativeScanSolver`][]).
 """
