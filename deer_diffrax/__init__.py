@@ -20,6 +20,10 @@ from ._scan_solve import (
     AssociativeScanSolver as AssociativeScanSolver,
     solve_linear_recurrence as solve_linear_recurrence,
 )
+from ._sharded_scan import (
+    sharded_linear_recurrence as sharded_linear_recurrence,
+    ShardedScanSolver as ShardedScanSolver,
+)
 from ._solver import DeerSolver as DeerSolver, DeerState as DeerState
 
 
