@@ -7,17 +7,19 @@ Times, for the problem of `benchmarks/run.py` (Tsit5 substeps of a forced
 `-y + 0.5 tanh(W y)` system), each piece of a Newton iteration as the library does it
 and as an alternative would do it:
 
-- the residual `Y - Phi(shift(Y))`: one vmapped Tsit5 step per substep, with the
-    library's `scan_kind="bounded"` base solver and with Diffrax's default;
+- the residual `Y - Phi(shift(Y))`: the library's (Tsit5's stages written out from
+    its tableau) against one vmapped `Tsit5.step` of Diffrax per substep (its stage
+    loop with `scan_kind="bounded"`, as the library used before, and the default);
 - the Jacobian blocks: the library's (`jax.linearize` of the whole residual, then
-    `n` probes, one at a time for the diagonal) against a per-substep
-    `vmap(jacfwd)` / `vmap(linearize)`;
+    `n` batched probes; for the diagonal mode, by default, the linearisation of an
+    Euler step of the vector field, `linearise="vector_field"`) against linearising
+    Diffrax's step and a per-substep `vmap(jacfwd)` / `vmap(linearize)`;
 - the linear recurrence: `lax.associative_scan` (full and diagonal) against a
     sequential `lax.scan` over the same blocks;
 - one whole window solve (`diffeqsolve` with `DeerSolver`), divided by its Newton
     iterations.
 
-It uses private functions of `deer_diffrax` (`_solver._substep`), so it is a
+It uses private functions of `deer_diffrax` (`deer_diffrax._solver`), so it is a
 developer tool: it may need updating when they change.
 """
 
@@ -60,7 +62,11 @@ import numpy as np  # noqa: E402
 from deer_diffrax import DeerSolver, solve_linear_recurrence  # noqa: E402
 from deer_diffrax._jacobian import DiagonalJacobian, FullJacobian  # noqa: E402
 from deer_diffrax._ravel import real_ravel  # noqa: E402
-from deer_diffrax._solver import _substep  # noqa: E402
+from deer_diffrax._solver import (  # noqa: E402
+    _euler_residual,
+    _substep,
+    _trajectory_residual,
+)
 
 
 STEP_SIZE = 0.01
@@ -101,19 +107,6 @@ def _compose_elementwise(earlier, later):
 def scan_elementwise(blocks, rhs):
     """`solve_linear_recurrence` for dense blocks with `_compose_elementwise`."""
     return jax.lax.associative_scan(_compose_elementwise, (blocks, rhs))[1]
-
-
-def unrolled_tsit5(y, t_start, t_end, params):
-    """One Tsit5 step with its stages written out (no stage loop), as in
-    `benchmarks/run.py`'s unrolled baseline."""
-    tableau = diffrax.Tsit5.tableau
-    dt = t_end - t_start
-    ks = [vector_field(t_start, y, params)]
-    for c, a in zip(tableau.c[:5], tableau.a_lower[:5], strict=True):
-        increment = sum(float(a_j) * k for a_j, k in zip(a, ks, strict=True))
-        ks.append(vector_field(t_start + float(c) * dt, y + dt * increment, params))
-    weights = [float(b) for b in tableau.b_sol[:6]]
-    return y + dt * sum(b * k for b, k in zip(weights, ks, strict=True))
 
 
 def profile(
@@ -213,31 +206,54 @@ def profile(
     add = lambda name, fn, *a: rows.append((name, *timeit(fn, *a, repeats=repeats)))
     if not pieces_only:
         add("sequential diffeqsolve (whole solve)", sequential_solve, y0, params)
-    add("residual, bounded Tsit5 (library)", ft.partial(residual, bounded), trajectory)
-    add("residual, default Tsit5", ft.partial(residual, default), trajectory)
+    inputs = (term, y0, ts, params)
+    library_residual = lambda y: _trajectory_residual(default, unravel, y, inputs)
+    euler_residual = lambda y: _euler_residual(unravel, y, inputs)
 
-    def residual_unrolled(y):
-        step = lambda yp, a, b: unrolled_tsit5(yp, a, b, params)
-        return y - jax.vmap(step)(shifted(y), ts[:-1], ts[1:])
+    def linearised_blocks(fn, mode, y):
+        res, linear_fn = jax.linearize(fn, y)
+        return res, mode.blocks(linear_fn, struct)
 
-    def unrolled_full_blocks(y):
-        res, linear_fn = jax.linearize(residual_unrolled, y)
-        return res, FullJacobian().blocks(linear_fn, struct)
-
-    add("residual, unrolled Tsit5 stages", residual_unrolled, trajectory)
-    add("linearize + full blocks, unrolled stages", unrolled_full_blocks, trajectory)
+    add("residual (library: written-out stages)", library_residual, trajectory)
     add(
-        "linearize + diagonal blocks (library)",
-        ft.partial(library_blocks, DiagonalJacobian()),
+        "residual, Diffrax Tsit5.step, bounded loop",
+        ft.partial(residual, bounded),
         trajectory,
     )
-    add("vmap(linearize substep) diagonal", linearize_diagonal, trajectory)
+    add(
+        "residual, Diffrax Tsit5.step, default",
+        ft.partial(residual, default),
+        trajectory,
+    )
     add(
         "linearize + full blocks (library)",
+        ft.partial(linearised_blocks, library_residual, FullJacobian()),
+        trajectory,
+    )
+    add(
+        "linearize + full blocks, Diffrax step",
         ft.partial(library_blocks, FullJacobian()),
         trajectory,
     )
-    add("vmap(jacfwd substep) full", jacfwd_full, trajectory)
+    add(
+        "diagonal blocks (library: Euler step, linearise='vector_field')",
+        ft.partial(linearised_blocks, euler_residual, DiagonalJacobian()),
+        trajectory,
+    )
+    add(
+        "linearize + exact diagonal blocks (linearise='step')",
+        ft.partial(linearised_blocks, library_residual, DiagonalJacobian()),
+        trajectory,
+    )
+    add(
+        "linearize + exact diagonal blocks, Diffrax step",
+        ft.partial(library_blocks, DiagonalJacobian()),
+        trajectory,
+    )
+    add(
+        "vmap(linearize substep) diagonal, Diffrax step", linearize_diagonal, trajectory
+    )
+    add("vmap(jacfwd substep) full, Diffrax step", jacfwd_full, trajectory)
     scan = solve_linear_recurrence
     add("associative scan, full blocks", scan, full_blocks, trajectory)
     add(

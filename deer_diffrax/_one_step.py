@@ -13,6 +13,7 @@ residual is still the sequential trajectory (to rounding).
 from collections.abc import Callable, Sequence
 
 import diffrax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import PyTree
 
@@ -32,7 +33,7 @@ def _combine(y: PyTree, coefficients: Sequence[float], ks: Sequence[PyTree]) -> 
     return jtu.tree_map(leaf, y, *[k for _, k in pairs])
 
 
-def _explicit_rk_step(tableau, terms, t0, t1, y0, args):
+def _explicit_rk_stages(tableau, terms, t0, t1, y0, args) -> list[PyTree]:
     control = terms.contr(t0, t1)
     dt = t1 - t0
     ks = [terms.vf_prod(t0, y0, args, control)]
@@ -41,7 +42,7 @@ def _explicit_rk_step(tableau, terms, t0, t1, y0, args):
         # As Diffrax does: a stage at the end of the step sits exactly on `t1`.
         t_i = t1 if c_i == 1 else t0 + float(c_i) * dt
         ks.append(terms.vf_prod(t_i, y_i, args, control))
-    return _combine(y0, tableau.b_sol, ks)
+    return ks
 
 
 def euler_step(terms, t0, t1, y0, args):
@@ -51,20 +52,40 @@ def euler_step(terms, t0, t1, y0, args):
 
 
 def one_step_map(
-    base_solver: diffrax.AbstractSolver,
+    base_solver: diffrax.AbstractSolver, with_outputs: bool = False
 ) -> Callable[..., PyTree] | None:
     """The base method's step `(terms, t0, t1, y0, args) -> y1` written out, or
     `None` where the base solver's own `step` must be used (implicit methods, whose
-    stages are root finds, and other solvers)."""
+    stages are root finds, and other solvers).
+
+    With `with_outputs=True` the function returns `(y1, y_error, dense_info)` as the
+    base solver's `step` would (`y_error` is `None` for Euler), for an ODE term or any
+    term whose vector field is cheap to contract (Diffrax then stores the stages as
+    vector field-control products, as here).
+    """
     if isinstance(base_solver, diffrax.AbstractERK):
         tableau = base_solver.tableau
         if tableau.c1 != 0 or len(tableau.c) != len(tableau.a_lower):
             return None
 
         def step(terms, t0, t1, y0, args):
-            return _explicit_rk_step(tableau, terms, t0, t1, y0, args)
+            ks = _explicit_rk_stages(tableau, terms, t0, t1, y0, args)
+            y1 = _combine(y0, tableau.b_sol, ks)
+            if not with_outputs:
+                return y1
+            zero = jtu.tree_map(jnp.zeros_like, y0)
+            y_error = _combine(zero, tableau.b_error, ks)
+            stacked = jtu.tree_map(lambda *k: jnp.stack(k), *ks)
+            return y1, y_error, dict(y0=y0, y1=y1, k=stacked)
 
         return step
     if type(base_solver) is diffrax.Euler:
-        return euler_step
+        if not with_outputs:
+            return euler_step
+
+        def step_with_outputs(terms, t0, t1, y0, args):
+            y1 = euler_step(terms, t0, t1, y0, args)
+            return y1, None, dict(y0=y0, y1=y1)
+
+        return step_with_outputs
     return None

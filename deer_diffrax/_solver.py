@@ -112,12 +112,18 @@ def _substep(base_solver, terms, args, unravel, y_prev, t_start, t_end):
     # and mark the result non-finite, which Newton's damping or failure check sees.
     finite = jnp.all(jnp.isfinite(y_prev))
     y = unravel(jnp.where(finite, y_prev, 0))
-    base_state = base_solver.init(terms, t_start, t_end, y, args)
-    # made_jump=True: FSAL methods recompute their first stage, so each substep is a
-    # function of its own starting point only.
-    y_next, y_error, dense_info, _, result = base_solver.step(
-        terms, t_start, t_end, y, args, base_state, made_jump=True
-    )
+    written_out = one_step_map(base_solver, with_outputs=True)
+    if written_out is not None and not terms.is_vf_expensive(t_start, t_end, y, args):
+        # The same outputs as the base solver's `step`, without its stage loop.
+        y_next, y_error, dense_info = written_out(terms, t_start, t_end, y, args)
+        result = diffrax.RESULTS.successful
+    else:
+        base_state = base_solver.init(terms, t_start, t_end, y, args)
+        # made_jump=True: FSAL methods recompute their first stage, so each substep
+        # is a function of its own starting point only.
+        y_next, y_error, dense_info, _, result = base_solver.step(
+            terms, t_start, t_end, y, args, base_state, made_jump=True
+        )
     y_next = jnp.where(finite, real_ravel(y_next)[0], jnp.nan)
     return y_next, y_error, dense_info, result
 

@@ -16,14 +16,24 @@ from deer_diffrax._one_step import one_step_map
 def test_one_step_map_is_the_base_step(base_cls):
     problem = PROBLEMS["dict_state"]
     base = base_cls()
-    step = one_step_map(base)
-    assert step is not None
     t0, t1 = 0.3, 0.45
     state = base.init(problem.term, t0, t1, problem.y0, None)
-    expected = base.step(problem.term, t0, t1, problem.y0, None, state, True)[0]
-    got = step(problem.term, t0, t1, problem.y0, None)
-    assert max_relative_difference(got, expected) <= 1e-14
-    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    y1, y_error, dense_info, _, _ = base.step(
+        problem.term, t0, t1, problem.y0, None, state, True
+    )
+    got = one_step_map(base)(problem.term, t0, t1, problem.y0, None)
+    assert max_relative_difference(got, y1) <= 1e-14
+    assert jax.tree.structure(got) == jax.tree.structure(y1)
+    outputs = one_step_map(base, with_outputs=True)(
+        problem.term, t0, t1, problem.y0, None
+    )
+    expected = (y1, y_error, dense_info)
+    assert jax.tree.structure(outputs) == jax.tree.structure(expected)
+    for got_leaf, leaf in zip(
+        jax.tree.leaves(outputs), jax.tree.leaves(expected), strict=True
+    ):
+        assert got_leaf.shape == leaf.shape and got_leaf.dtype == leaf.dtype
+        np.testing.assert_allclose(got_leaf, leaf, rtol=1e-13, atol=1e-15)
 
 
 def test_one_step_map_declines_implicit_solvers():
