@@ -22,7 +22,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._jacobian import AbstractJacobianMode, jacobian_mode
 from ._newton import DeerNewton
-from ._operator import unit_lower_block_bidiagonal_tag
+from ._operator import shift_in, unit_lower_block_bidiagonal_tag
 from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
 from ._solver import default_tolerance
@@ -68,7 +68,7 @@ class _FlatCell(eqx.Module):
 def _residual(trajectory: Array, args: tuple[_FlatCell, Array, PyTree]) -> Array:
     """`F(H)_t = h_t - cell(h_{t-1}, x_t)`, every time step at once."""
     flat_cell, h0, xs = args
-    previous = jnp.concatenate([h0[None], trajectory[:-1]])
+    previous = shift_in(h0, trajectory)
     return trajectory - jax.vmap(flat_cell)(previous, xs)
 
 

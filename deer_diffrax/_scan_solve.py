@@ -10,6 +10,7 @@ from jaxtyping import Array, Inexact
 from ._jacobian import FullJacobian
 from ._operator import (
     BlockBidiagonalOperator,
+    shift_out,
     unit_lower_block_bidiagonal_tag,
 )
 
@@ -57,7 +58,7 @@ def _shift_transposed(blocks):
     # J_{i+1}^T, and the last step has none.
     if blocks.ndim == 3:
         blocks = jnp.swapaxes(blocks, 1, 2)
-    return jnp.concatenate([blocks[1:], jnp.zeros_like(blocks[:1])])
+    return shift_out(blocks, jnp.zeros_like(blocks[0]))
 
 
 _ScanState: TypeAlias = tuple[Array, bool]

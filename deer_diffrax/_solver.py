@@ -24,7 +24,7 @@ from ._interpolation import deer_interpolation_cls
 from ._jacobian import AbstractJacobianMode, DiagonalJacobian, jacobian_mode
 from ._newton import DeerNewton
 from ._one_step import euler_step, one_step_map
-from ._operator import unit_lower_block_bidiagonal_tag
+from ._operator import shift_in, unit_lower_block_bidiagonal_tag
 from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
 
@@ -138,7 +138,7 @@ def _transition(base_solver, terms, args, unravel, y_prev, t_start, t_end):
 
 
 def _window_residual(step, trajectory, y_start, ts):
-    previous = jnp.concatenate([y_start[None], trajectory[:-1]])
+    previous = shift_in(y_start, trajectory)
     return trajectory - jax.vmap(step)(previous, ts[:-1], ts[1:])
 
 
@@ -480,7 +480,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         # One more (parallel) pass at the converged trajectory: the end state, the
         # error estimates and the dense output are those of the base method applied
         # to it, exactly as a sequential solve would produce them.
-        previous = jnp.concatenate([y_start[None], trajectory[:-1]])
+        previous = shift_in(y_start, trajectory)
         mapped, errors, dense_infos, base_results = jax.vmap(substep)(
             previous, ts[:-1], ts[1:]
         )
