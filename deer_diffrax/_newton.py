@@ -34,9 +34,10 @@ class DeerNewtonState(eqx.Module):
     - `anchor`: the iterate the last step started from (with damping: the last
         accepted one), at which `residual_norm` was measured; a rejected trial falls
         back to it, and it is returned if the final step made things worse.
-    - `anchor_residual`: the residual at `anchor`, kept when the blocks come from a
-        separate `jacobian_fn` so a rejected trial costs no re-evaluation (else
-        `None`).
+    - `anchor_residual`, `anchor_blocks`: the residual and the (undamped) Jacobian
+        blocks at `anchor`, kept with damping when the trial iterate is linearised
+        directly (`linearise_trials` or `jacobian_fn`), so that a rejected trial
+        costs no re-evaluation (else `None`).
     """
 
     residual_norm: Float[Array, ""]
@@ -48,6 +49,7 @@ class DeerNewtonState(eqx.Module):
     damping: Float[Array, ""]
     anchor: Array
     anchor_residual: Array | None
+    anchor_blocks: Array | None
 
 
 _MAX_DAMPING = 1e12
@@ -79,10 +81,11 @@ class DeerNewton(optx.AbstractRootFinder):
     `Y <- Phi(shift(Y))`, which cannot overshoot and makes the exact prefix of the
     trajectory at least one substep longer every iteration; so the damped
     iteration interpolates between Newton's quadratic convergence and a sweep that
-    always makes progress. On problems where Newton works no trial is rejected and
-    the cost is one more residual evaluation per iteration (the trial is judged
-    before it is linearised), next to the `n` Jacobian-vector products of each
-    linearisation.
+    always makes progress. On problems where Newton works no trial is rejected. With
+    `linearise_trials=True` (what `DeerSolver` uses for explicit base solvers) each
+    trial is linearised directly and the last accepted linearisation is kept, so
+    damping costs memory, not time; otherwise it costs one more residual evaluation
+    per iteration (the trial is judged before the accepted point is linearised).
 
     Non-finite residuals that damping cannot recover from stop the iteration with
     `RESULTS.nonlinear_divergence`; running out of steps gives
@@ -97,10 +100,35 @@ class DeerNewton(optx.AbstractRootFinder):
     max_residual_growth: float = eqx.field(static=True, default=1e3)
     linear_solver: lx.AbstractLinearSolver = AssociativeScanSolver()
     jacobian_fn: Callable[[Array, Any], Array] | None = None
+    linearise_trials: bool = eqx.field(static=True, default=False)
+
+    def _keeps_anchor_linearisation(self) -> bool:
+        # With damping, a rejected trial needs the residual and blocks at the last
+        # accepted iterate. Where the residual may be linearised anywhere, the step
+        # linearises the trial once and keeps that linearisation for later; otherwise
+        # it evaluates the trial, then linearises the accepted point (two passes).
+        return self.damping and (self.linearise_trials or self.jacobian_fn is not None)
+
+    def _linearise(self, fn, y, args, struct):
+        """The residual at `y`, the aux, and the Jacobian blocks there."""
+        if self.jacobian_fn is None:
+            residual, linear_fn, aux = jax.linearize(
+                lambda _y: fn(_y, args), y, has_aux=True
+            )
+        else:
+            residual, aux = fn(y, args)
+            _, linear_fn = jax.linearize(lambda _y: self.jacobian_fn(_y, args), y)
+        return residual, aux, self.jacobian.blocks(linear_fn, struct)
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
-        del fn, args, options, f_struct, aux_struct, tags
-        anchor = y
+        del options, f_struct, aux_struct, tags
+        if self._keeps_anchor_linearisation():
+            struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
+            shapes = jax.eval_shape(lambda: self._linearise(fn, y, args, struct))
+            anchor_residual = jnp.zeros_like(y)
+            anchor_blocks = jnp.zeros(shapes[2].shape, shapes[2].dtype)
+        else:
+            anchor_residual = anchor_blocks = None
         return DeerNewtonState(
             residual_norm=jnp.array(jnp.inf, dtype=y.dtype),
             update_norm=jnp.array(jnp.inf, dtype=y.dtype),
@@ -109,8 +137,9 @@ class DeerNewton(optx.AbstractRootFinder):
             num_steps=jnp.array(0),
             num_rejected=jnp.array(0),
             damping=jnp.array(0.0, dtype=y.dtype),
-            anchor=anchor,
-            anchor_residual=None if self.jacobian_fn is None else jnp.zeros_like(y),
+            anchor=y,
+            anchor_residual=anchor_residual,
+            anchor_blocks=anchor_blocks,
         )
 
     def step(self, fn, y, args, options, state, tags):
@@ -122,12 +151,17 @@ class DeerNewton(optx.AbstractRootFinder):
             scale = self.atol + self.rtol * jnp.abs(at)
             return self.norm(residual / scale).astype(state.residual_norm.dtype)
 
+        keep = self._keeps_anchor_linearisation()
+        if keep or not self.damping:
+            trial_residual, aux, trial_blocks = self._linearise(fn, y, args, struct)
+        else:
+            # Judge the trial on its residual alone, and linearise only the accepted
+            # point: linearising a wild trial can fail outright (an implicit base
+            # solver's own tangent solve raises on the NaNs of its failed stage
+            # solve).
+            trial_residual, aux = fn(y, args)
+
         if self.damping:
-            # Judge the trial iterate on its residual alone, and linearise only at
-            # the point the step starts from: linearising a wild trial can fail
-            # outright (an implicit base solver's own tangent solve raises on the
-            # NaNs of its failed stage solve).
-            trial_residual, trial_aux = fn(y, args)
             trial_norm = scaled_norm(trial_residual, y)
             finite = jnp.all(jnp.isfinite(trial_residual))
             growth_ok = trial_norm <= self.max_residual_growth * state.residual_norm
@@ -146,30 +180,18 @@ class DeerNewton(optx.AbstractRootFinder):
             still_finite = state.finite & (finite | jnp.invert(first))
             num_rejected = state.num_rejected + jnp.where(accept, 0, 1)
             base_y = anchor
-        else:
-            anchor = y
-            damping = state.damping
-            num_rejected = state.num_rejected
-            base_y = y
-
-        if self.jacobian_fn is None:
-            residual, linear_fn, aux = jax.linearize(
-                lambda _y: fn(_y, args), base_y, has_aux=True
-            )
-        else:
-            # The residual itself is the expensive part: evaluate it once per
-            # iteration (the trial's, or the anchor's kept from before) and take the
-            # blocks from the cheap surrogate's linearisation.
-            if self.damping:
-                aux = trial_aux
+            if keep:
                 residual = jnp.where(accept, trial_residual, state.anchor_residual)
+                blocks = jnp.where(accept, trial_blocks, state.anchor_blocks)
             else:
-                residual, aux = fn(y, args)
-            _, linear_fn = jax.linearize(lambda _y: self.jacobian_fn(_y, args), base_y)
-        blocks = self.jacobian.blocks(linear_fn, struct)
-        if self.damping:
+                residual, aux, blocks = self._linearise(fn, base_y, args, struct)
+            anchor_residual, anchor_blocks = residual, blocks
             blocks = blocks / (1 + damping)
         else:
+            anchor = base_y = y
+            damping = state.damping
+            num_rejected = state.num_rejected
+            residual, blocks = trial_residual, trial_blocks
             residual_norm = scaled_norm(residual, y)
             still_finite = state.finite & jnp.all(jnp.isfinite(residual))
 
@@ -204,7 +226,8 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected=num_rejected,
             damping=damping,
             anchor=anchor,
-            anchor_residual=None if self.jacobian_fn is None else residual,
+            anchor_residual=anchor_residual if keep else None,
+            anchor_blocks=anchor_blocks if keep else None,
         )
         return new_y, new_state, aux
 
@@ -262,4 +285,10 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
     blocks are then read from its linearisation, and the residual is evaluated once
     per iteration without being linearised: a quasi-Newton method with the same root.
     Default `None`: the exact Jacobian of the residual.
+- `linearise_trials`: with damping, linearise each trial iterate directly and keep
+    the linearisation of the last accepted one (one pass of the residual per
+    iteration, and `O(T n^2)` more memory for dense blocks), instead of judging the
+    trial first and then linearising the accepted point (two passes). Only safe when
+    the residual can be linearised at any finite point; implicit base methods, whose
+    inner solves can fail at wild trial points, need the default `False`.
 """

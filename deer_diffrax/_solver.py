@@ -449,6 +449,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
                 if self.linearise == "vector_field"
                 else None
             ),
+            linearise_trials=one_step_map(self.base_solver) is not None,
         )
         guess = self._guess(substep_state, y_start, ts, solver_state)
         solution = optx.root_find(
