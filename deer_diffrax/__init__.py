@@ -1,5 +1,6 @@
 """deer-diffrax: parallel-in-time Newton (DEER) solves for Diffrax."""
 
+from ._dense import evaluate as evaluate
 from ._diagnostics import (
     DeerDiagnostics as DeerDiagnostics,
     diagnostics as diagnostics,
