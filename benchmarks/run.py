@@ -1031,7 +1031,7 @@ def gru_table(rows: list[dict], header: bool = True) -> str:
 
 
 def saveat_solvers(num_steps: int, dtype, options: dict) -> dict[str, Callable]:
-    """Four ways to save a `num_steps`-step Tsit5 trajectory at `num_steps` times."""
+    """Five ways to save a `num_steps`-step Tsit5 trajectory at `num_steps` times."""
     t0, t1, _ = time_grid(num_steps, dtype)
     # Times that fall between grid points, so the interpolation is exercised.
     save_ts = jnp.linspace(t0, t1, num_steps, dtype=dtype)
@@ -1069,11 +1069,19 @@ def saveat_solvers(num_steps: int, dtype, options: dict) -> dict[str, Callable]:
 
         return fn
 
+    def with_deer_evaluate(method):
+        def fn(y0, params):
+            sol = solve(y0, params, method, diffrax.SaveAt(dense=True))
+            return deer_diffrax.evaluate(sol, save_ts)
+
+        return fn
+
     return {
         "seq, SaveAt(ts)": with_ts(sequential),
         "seq, dense + vmap(evaluate)": with_dense(sequential),
         "DEER full, SaveAt(ts)": with_ts(parallel),
         "DEER full, dense + vmap(evaluate)": with_dense(parallel),
+        "DEER full, dense + deer_diffrax.evaluate": with_deer_evaluate(parallel),
     }
 
 

@@ -268,9 +268,11 @@ def test_central_finite_differences():
 
 
 def test_dense_output_gradient():
-    # The parallel way to read many times: `SaveAt(dense=True)` and a vmapped
-    # `sol.evaluate`. It evaluates the same local interpolants that `SaveAt(ts=...)`
-    # saves, so its gradient must equal the sequential `SaveAt(ts=...)` gradient.
+    # A parallel way to read many times: `SaveAt(dense=True)` and a vmapped
+    # `sol.evaluate` (`deer_diffrax.evaluate` is the linear-memory one; its gradient
+    # is checked against this in test_dense.py). It evaluates the same local
+    # interpolants that `SaveAt(ts=...)` saves, so its gradient must equal the
+    # sequential `SaveAt(ts=...)` gradient.
     # Differentiated with `eqx.filter_grad` with respect to the Equinox vector field
     # (and y0 and args) directly.
     def loss(inputs):
