@@ -393,3 +393,37 @@ def test_diagonal_jacobian_matches_sequential():
     )
     assert deer.result == diffrax.RESULTS.successful
     assert max_relative_difference(deer.ys[:40], sequential.ys) <= 1e-9
+
+
+def test_one_compilation_for_any_number_of_windows_and_iterations():
+    # Windows are Diffrax's step loop and Newton iterations Optimistix's loop, both
+    # traced once: new values of y0, args and dt0 (hence of the number of windows and
+    # of Newton iterations) reuse the compiled program.
+    traces = []
+
+    def field(t, y, args):
+        traces.append(None)
+        return -args * jnp.sin(y)
+
+    @jax.jit
+    def solve(y0, args, dt0):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            DeerSolver(num_substeps=20),
+            0.0,
+            1.0,
+            dt0,
+            y0,
+            args,
+            saveat=diffrax.SaveAt(t1=True, solver_state=True),
+            max_steps=64,
+        )
+        return sol.ys, sol.solver_state.num_windows, sol.solver_state.total_newton_steps
+
+    _, windows, iterations = solve(jnp.array([0.5, 1.0]), 1.0, 0.5)
+    num_traces = len(traces)
+    _, more_windows, more_iterations = solve(jnp.array([2.0, -1.5]), 3.0, 0.05)
+    assert (int(windows), int(more_windows)) == (2, 20)
+    assert int(more_iterations) > int(iterations)
+    assert len(traces) == num_traces
+    assert solve._cache_size() == 1
