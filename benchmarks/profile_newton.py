@@ -64,7 +64,6 @@ from deer_diffrax._jacobian import DiagonalJacobian, FullJacobian  # noqa: E402
 from deer_diffrax._ravel import real_ravel  # noqa: E402
 from deer_diffrax._solver import (  # noqa: E402
     _euler_residual,
-    _substep,
     _trajectory_residual,
 )
 
@@ -130,7 +129,15 @@ def profile(
     struct = jax.ShapeDtypeStruct(trajectory.shape, trajectory.dtype)
 
     def substeps(solver):
-        return ft.partial(_substep, solver, term, params, unravel)
+        # Diffrax's own `step` (the library's `_substep` now bypasses it for explicit
+        # Runge-Kutta methods): the "Diffrax step" rows.
+        def substep(y_prev, t_start, t_end):
+            y = unravel(y_prev)
+            state = solver.init(term, t_start, t_end, y, params)
+            out = solver.step(term, t_start, t_end, y, params, state, made_jump=True)
+            return (real_ravel(out[0])[0],)
+
+        return substep
 
     def shifted(y):
         return jnp.concatenate([y0[None], y[:-1]])
