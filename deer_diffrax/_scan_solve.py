@@ -64,7 +64,43 @@ def _shift_transposed(blocks):
 _ScanState: TypeAlias = tuple[Array, bool]
 
 
-class AssociativeScanSolver(lx.AbstractLinearSolver[_ScanState]):
+class AbstractBidiagonalScanSolver(lx.AbstractLinearSolver[_ScanState]):
+    """What the scan solvers of unit block-bidiagonal systems share: reading the
+    blocks off the operator, and transposition (the same recurrence backwards in
+    time). Subclasses implement `compute`."""
+
+    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
+        del options
+        if isinstance(operator, BlockBidiagonalOperator):
+            return operator.blocks, operator.lower
+        if unit_lower_block_bidiagonal_tag in getattr(operator, "tags", ()):
+            struct = operator.in_structure()
+            if not isinstance(struct, jax.ShapeDtypeStruct):
+                raise ValueError(
+                    f"`{type(self).__name__}` needs an operator acting on a single "
+                    f"(T, n) array; got input structure {struct}."
+                )
+            linear = lx.linearise(operator)
+            return FullJacobian().blocks(linear.mv, struct), True
+        raise ValueError(
+            f"`{type(self).__name__}` can only solve unit block-bidiagonal systems: "
+            "pass a `deer_diffrax.BlockBidiagonalOperator`, or an operator tagged "
+            "with `deer_diffrax.unit_lower_block_bidiagonal_tag`."
+        )
+
+    def transpose(self, state: _ScanState, options: dict[str, Any]):
+        blocks, lower = state
+        return (blocks, not lower), options
+
+    def conj(self, state: _ScanState, options: dict[str, Any]):
+        blocks, lower = state
+        return (blocks.conj(), lower), options
+
+    def assume_full_rank(self):
+        return True
+
+
+class AssociativeScanSolver(AbstractBidiagonalScanSolver):
     """Solves `(I - L) x = r` for unit lower block-bidiagonal `I - L` (and its
     transpose) with `jax.lax.associative_scan`, in `O(log T)` parallel depth.
 
@@ -78,25 +114,6 @@ class AssociativeScanSolver(lx.AbstractLinearSolver[_ScanState]):
     Work is `O(T n^3)` for dense blocks and `O(T n)` for diagonal ones.
     """
 
-    def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
-        del options
-        if isinstance(operator, BlockBidiagonalOperator):
-            return operator.blocks, operator.lower
-        if unit_lower_block_bidiagonal_tag in operator.tags:
-            struct = operator.in_structure()
-            if not isinstance(struct, jax.ShapeDtypeStruct):
-                raise ValueError(
-                    "`AssociativeScanSolver` needs an operator acting on a single "
-                    f"(T, n) array; got input structure {struct}."
-                )
-            linear = lx.linearise(operator)
-            return FullJacobian().blocks(linear.mv, struct), True
-        raise ValueError(
-            "`AssociativeScanSolver` can only solve unit block-bidiagonal systems: "
-            "pass a `deer_diffrax.BlockBidiagonalOperator`, or an operator tagged "
-            "with `deer_diffrax.unit_lower_block_bidiagonal_tag`."
-        )
-
     def compute(self, state: _ScanState, vector, options):
         del options
         blocks, lower = state
@@ -108,17 +125,6 @@ class AssociativeScanSolver(lx.AbstractLinearSolver[_ScanState]):
             )
             solution = jnp.flip(backward, 0)
         return solution, lx.RESULTS.successful, {}
-
-    def transpose(self, state: _ScanState, options: dict[str, Any]):
-        blocks, lower = state
-        return (blocks, not lower), options
-
-    def conj(self, state: _ScanState, options: dict[str, Any]):
-        blocks, lower = state
-        return (blocks.conj(), lower), options
-
-    def assume_full_rank(self):
-        return True
 
 
 AssociativeScanSolver.__init__.__doc__ = """**Arguments:** None."""

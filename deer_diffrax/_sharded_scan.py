@@ -10,8 +10,12 @@ import lineax as lx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Inexact
 
-from ._operator import BlockBidiagonalOperator, unit_lower_block_bidiagonal_tag
-from ._scan_solve import _compose, _shift_transposed, AssociativeScanSolver
+from ._scan_solve import (
+    _compose,
+    _ScanState,
+    _shift_transposed,
+    AbstractBidiagonalScanSolver,
+)
 
 
 def _default_axis_name(mesh: Mesh) -> str:
@@ -142,10 +146,7 @@ def sharded_linear_recurrence(
     return _sharded_recurrence(blocks, rhs, mesh, axis_name, reverse=False)
 
 
-_ScanState = tuple[Array, bool]
-
-
-class ShardedScanSolver(lx.AbstractLinearSolver[_ScanState]):
+class ShardedScanSolver(AbstractBidiagonalScanSolver):
     """[`deer_diffrax.AssociativeScanSolver`][] with the time axis split over several
     devices: solves `(I - L) x = r` for unit lower block-bidiagonal `I - L` (and its
     transpose) with [`deer_diffrax.sharded_linear_recurrence`][].
@@ -192,15 +193,7 @@ class ShardedScanSolver(lx.AbstractLinearSolver[_ScanState]):
         self.axis_name = axis_name
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
-        if not isinstance(operator, BlockBidiagonalOperator) and (
-            unit_lower_block_bidiagonal_tag not in getattr(operator, "tags", ())
-        ):
-            raise ValueError(
-                "`ShardedScanSolver` can only solve unit block-bidiagonal systems: "
-                "pass a `deer_diffrax.BlockBidiagonalOperator`, or an operator "
-                "tagged with `deer_diffrax.unit_lower_block_bidiagonal_tag`."
-            )
-        blocks, lower = AssociativeScanSolver().init(operator, options)
+        blocks, lower = super().init(operator, options)
         _check_mesh(blocks.shape[0], self.mesh, self.axis_name)
         # Lineax lowers `compute` inside its own primitive, where `jax.jit` cannot
         # see the mesh and would compile for one device: placing the blocks on the
@@ -231,14 +224,3 @@ class ShardedScanSolver(lx.AbstractLinearSolver[_ScanState]):
                 reverse=True,
             )
         return solution, lx.RESULTS.successful, {}
-
-    def transpose(self, state: _ScanState, options: dict[str, Any]):
-        blocks, lower = state
-        return (blocks, not lower), options
-
-    def conj(self, state: _ScanState, options: dict[str, Any]):
-        blocks, lower = state
-        return (blocks.conj(), lower), options
-
-    def assume_full_rank(self):
-        return True

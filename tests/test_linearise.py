@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import EXPLICIT_RK_SOLVERS, max_relative_difference, PROBLEMS
+from test_solver import _deer_and_sequential
 from test_stiff_and_sde import _sde_terms
 
 from deer_diffrax import DeerSolver, diagnostics
@@ -42,32 +43,6 @@ def test_one_step_map_declines_implicit_solvers():
     assert one_step_map(diffrax.EulerHeun()) is None
 
 
-def _solve_pair(problem, base, num_windows, num_substeps, **deer_kwargs):
-    window = problem.t1 / num_windows
-    kwargs = dict(args=problem.args, saveat=diffrax.SaveAt(t1=True, solver_state=True))
-    deer = diffrax.diffeqsolve(
-        problem.term,
-        DeerSolver(base, num_substeps=num_substeps, **deer_kwargs),
-        0.0,
-        problem.t1,
-        window,
-        problem.y0,
-        max_steps=num_windows,
-        **kwargs,
-    )
-    sequential = diffrax.diffeqsolve(
-        problem.term,
-        base,
-        0.0,
-        problem.t1,
-        window / num_substeps,
-        problem.y0,
-        max_steps=num_windows * num_substeps + 1,
-        **kwargs,
-    )
-    return deer, sequential
-
-
 _DEFAULT_CASES = ["pendulum", "van_der_pol", "dict_state", "mlp64"]
 
 
@@ -75,7 +50,7 @@ _DEFAULT_CASES = ["pendulum", "van_der_pol", "dict_state", "mlp64"]
 @pytest.mark.parametrize("name", _DEFAULT_CASES)
 def test_vector_field_linearisation_matches_sequential(name, mode):
     problem = PROBLEMS[name]
-    deer, sequential = _solve_pair(
+    deer, sequential = _deer_and_sequential(
         problem,
         diffrax.Tsit5(),
         10,
@@ -100,7 +75,7 @@ def test_vector_field_linearisation_on_other_problems(name, mode):
     "base_cls", [diffrax.Euler, diffrax.Heun, diffrax.Dopri8], ids=lambda c: c.__name__
 )
 def test_vector_field_linearisation_other_base_solvers(base_cls):
-    deer, sequential = _solve_pair(
+    deer, sequential = _deer_and_sequential(
         PROBLEMS["van_der_pol"],
         base_cls(),
         6,
@@ -120,7 +95,7 @@ def test_cheap_blocks_cost_few_extra_iterations():
     problem = PROBLEMS["pendulum"]
     totals = {}
     for linearise in ("step", "vector_field"):
-        deer, _ = _solve_pair(
+        deer, _ = _deer_and_sequential(
             problem, diffrax.Tsit5(), 10, 100, jacobian="full", linearise=linearise
         )
         totals[linearise] = int(diagnostics(deer).total_newton_steps)
