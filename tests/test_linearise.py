@@ -43,7 +43,7 @@ def test_one_step_map_declines_implicit_solvers():
     assert one_step_map(diffrax.EulerHeun()) is None
 
 
-_DEFAULT_CASES = ["pendulum", "van_der_pol", "dict_state", "mlp64"]
+_DEFAULT_CASES = ["pendulum", "mlp64"]
 
 
 @pytest.mark.parametrize("mode", ["full", "diagonal"])
@@ -72,7 +72,13 @@ def test_vector_field_linearisation_on_other_problems(name, mode):
 
 
 @pytest.mark.parametrize(
-    "base_cls", [diffrax.Euler, diffrax.Heun, diffrax.Dopri8], ids=lambda c: c.__name__
+    "base_cls",
+    [
+        diffrax.Euler,
+        diffrax.Heun,
+        pytest.param(diffrax.Dopri8, marks=pytest.mark.slow),
+    ],
+    ids=lambda c: c.__name__,
 )
 def test_vector_field_linearisation_other_base_solvers(base_cls):
     deer, sequential = _deer_and_sequential(

@@ -41,8 +41,25 @@ _IMPLICIT = [
 ]
 
 
-@pytest.mark.parametrize("base_cls", _IMPLICIT, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("name", sorted(_STIFF))
+# Van der Pol with the two middle Kvaerno methods only in the slow run (CI time).
+_STIFF_CASES = [
+    pytest.param(
+        name,
+        base_cls,
+        id=f"{name}-{base_cls.__name__}",
+        marks=(
+            pytest.mark.slow
+            if name == "van_der_pol_1000"
+            and base_cls in (diffrax.Kvaerno3, diffrax.Kvaerno4)
+            else ()
+        ),
+    )
+    for name in sorted(_STIFF)
+    for base_cls in _IMPLICIT
+]
+
+
+@pytest.mark.parametrize("name, base_cls", _STIFF_CASES)
 def test_stiff_matches_sequential_implicit_solver(name, base_cls):
     vector_field, y0 = _STIFF[name]
     term = diffrax.ODETerm(vector_field)
