@@ -360,6 +360,9 @@ def scan(
         jacobian=mode,
         damping=damping,
         linear_solver=linear_solver,
+        # A cell can be linearised at any finite carry: with damping, linearise each
+        # trial once and keep the accepted linearisation (one pass per iteration).
+        linearise_trials=True,
     )
     inputs = (flat_cell, h0_flat, xs)
     solution = optx.root_find(
