@@ -33,12 +33,16 @@ def _auto_axes(mesh: Mesh) -> Mesh:
     return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
-def _check_mesh(num_times: int, mesh: Mesh, axis_name: str) -> int:
+def _check_axis(mesh: Mesh, axis_name: str) -> None:
     if axis_name not in mesh.axis_names:
         raise ValueError(
             f"The mesh has no axis named {axis_name!r}; its axes are "
             f"{mesh.axis_names}. Pass one of them as `axis_name`."
         )
+
+
+def _check_mesh(num_times: int, mesh: Mesh, axis_name: str) -> int:
+    _check_axis(mesh, axis_name)
     num_devices = mesh.shape[axis_name]
     if num_times % num_devices != 0:
         raise ValueError(
@@ -184,11 +188,7 @@ class ShardedScanSolver(AbstractBidiagonalScanSolver):
             )
         if axis_name is None:
             axis_name = _default_axis_name(mesh)
-        if axis_name not in mesh.axis_names:
-            raise ValueError(
-                f"The mesh has no axis named {axis_name!r}; its axes are "
-                f"{mesh.axis_names}."
-            )
+        _check_axis(mesh, axis_name)
         self.mesh = mesh
         self.axis_name = axis_name
 

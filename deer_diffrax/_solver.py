@@ -128,13 +128,17 @@ def _substep(base_solver, terms, args, unravel, y_prev, t_start, t_end):
     return y_next, y_error, dense_info, result
 
 
+def _flat_step(step, terms, args, unravel, y_prev, t_start, t_end):
+    """A step `(terms, t0, t1, y0, args) -> y1` on the flat real state."""
+    return real_ravel(step(terms, t_start, t_end, unravel(y_prev), args))[0]
+
+
 def _transition(base_solver, terms, args, unravel, y_prev, t_start, t_end):
     """`Phi_i(y_prev)` alone: what Newton, the predictor and the fallback need."""
     step = one_step_map(base_solver)
     if step is None:
         return _substep(base_solver, terms, args, unravel, y_prev, t_start, t_end)[0]
-    y_next = step(terms, t_start, t_end, unravel(y_prev), args)
-    return real_ravel(y_next)[0]
+    return _flat_step(step, terms, args, unravel, y_prev, t_start, t_end)
 
 
 def _window_residual(step, trajectory, y_start, ts):
@@ -154,11 +158,7 @@ def _euler_residual(unravel, trajectory, inputs):
     # derivative times the Brownian increment), which agree with the base method's
     # blocks to first order in the substep.
     terms, y_start, ts, args = inputs
-
-    def step(y_prev, t_start, t_end):
-        y_next = euler_step(terms, t_start, t_end, unravel(y_prev), args)
-        return real_ravel(y_next)[0]
-
+    step = ft.partial(_flat_step, euler_step, terms, args, unravel)
     return _window_residual(step, trajectory, y_start, ts)
 
 
