@@ -124,7 +124,7 @@ def profile(
     ts = jnp.linspace(0.0, t1, num_steps + 1, dtype=dtype)
     trajectory = jnp.broadcast_to(y0, (num_steps, size)) + 0.01
     _, unravel = real_ravel(y0)
-    bounded = DeerSolver(diffrax.Tsit5()).base_solver  # scan_kind="bounded"
+    bounded = diffrax.Tsit5(scan_kind="bounded")
     default = diffrax.Tsit5()
     struct = jax.ShapeDtypeStruct(trajectory.shape, trajectory.dtype)
 

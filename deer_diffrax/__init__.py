@@ -5,7 +5,17 @@ from ._diagnostics import (
     DeerDiagnostics as DeerDiagnostics,
     diagnostics as diagnostics,
 )
-from ._interpolation import DeerInterpolation as DeerInterpolation
+from ._guess import (
+    AbstractInitialGuess as AbstractInitialGuess,
+    ConstantGuess as ConstantGuess,
+    PathGuess as PathGuess,
+    PredictorGuess as PredictorGuess,
+    PreviousWindowGuess as PreviousWindowGuess,
+)
+from ._interpolation import (
+    DeerInterpolation as DeerInterpolation,
+    DeerInterpolationFactory as DeerInterpolationFactory,
+)
 from ._jacobian import (
     AbstractJacobianMode as AbstractJacobianMode,
     DiagonalJacobian as DiagonalJacobian,

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._interpolation import DeerInterpolation
+from ._interpolation import DeerInterpolationFactory
 
 
 def _dense_interpolation(sol) -> diffrax.DenseInterpolation:
@@ -25,13 +25,12 @@ def _dense_interpolation(sol) -> diffrax.DenseInterpolation:
             "The solution has no dense output: solve with "
             "`saveat=diffrax.SaveAt(dense=True)` to evaluate it at arbitrary times."
         )
-    cls = getattr(interpolation, "interpolation_cls", None)
+    factory = getattr(interpolation, "interpolation_cls", None)
     if not (
         isinstance(interpolation, diffrax.DenseInterpolation)
-        and isinstance(cls, type)
-        and issubclass(cls, DeerInterpolation)
+        and isinstance(factory, DeerInterpolationFactory)
     ):
-        name = getattr(cls, "__name__", type(interpolation).__name__)
+        name = getattr(factory, "__name__", type(factory).__name__)
         raise ValueError(
             "`deer_diffrax.evaluate` needs the dense output of a `DeerSolver` solve; "
             f"this solution's interpolation is {name}, not a DeerInterpolation. For "

@@ -17,8 +17,9 @@ class DeerDiagnostics(eqx.Module):
     - `total_newton_steps`, `mean_newton_steps`, `max_newton_steps`: Newton
         iterations summed, averaged and maximised over windows.
     - `newton_steps_histogram`: `{iterations: number of windows}`, non-zero entries.
-    - `last_residual`: the last window's final scaled residual (`<= 1`: within
-        tolerance).
+    - `last_error_estimate`: Newton's estimate of the last window's error against
+        the sequential solution, as a fraction of the tolerance (`<= 1`: converged).
+    - `last_residual`: the last window's final scaled residual.
     - `damping_rejections`: trial iterates rejected by damping.
     - `fallbacks`: windows finished by the sequential fallback.
     """
@@ -28,6 +29,7 @@ class DeerDiagnostics(eqx.Module):
     mean_newton_steps: float
     max_newton_steps: int
     newton_steps_histogram: dict[int, int]
+    last_error_estimate: float
     last_residual: float
     damping_rejections: int
     fallbacks: int
@@ -39,8 +41,8 @@ class DeerDiagnostics(eqx.Module):
         return (
             f"DeerSolver: {self.num_windows} windows, Newton iterations per window "
             f"mean {self.mean_newton_steps:.2f} / max {self.max_newton_steps} "
-            f"(iterations: windows = {{{histogram}}}); last residual "
-            f"{self.last_residual:.2e} of tolerance; {self.damping_rejections} "
+            f"(iterations: windows = {{{histogram}}}); last error estimate "
+            f"{self.last_error_estimate:.2e} of tolerance; {self.damping_rejections} "
             f"damping rejections; {self.fallbacks} sequential fallbacks."
         )
 
@@ -85,6 +87,7 @@ def diagnostics(solution_or_state: "diffrax.Solution | DeerState") -> DeerDiagno
         newton_steps_histogram={
             int(k): int(v) for k, v in enumerate(histogram) if v != 0
         },
+        last_error_estimate=float(state.last_error_estimate),
         last_residual=float(state.last_residual),
         damping_rejections=int(state.total_rejected),
         fallbacks=int(state.num_fallbacks),

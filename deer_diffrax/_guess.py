@@ -1,7 +1,10 @@
 """Initial guesses for the Newton iteration over a window."""
 
+import abc
 from collections.abc import Callable
+from typing import ClassVar
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -71,3 +74,131 @@ def trajectory_guess(
     """A user-supplied guess `path(t) -> y` (e.g. `sol.evaluate` of a coarse solve),
     evaluated at the substep end times."""
     return jax.vmap(lambda t: ravel(path(t)))(ts[1:])
+
+
+class AbstractInitialGuess(eqx.Module):
+    """Where Newton's method starts in each window of a [`deer_diffrax.DeerSolver`][].
+
+    Subclass it and implement `__call__` for a guess of your own.
+
+    **Arguments:** None.
+    """
+
+    # Set to `True` by guesses that read the previous window's trajectory, which
+    # the solver then keeps in its state.
+    needs_previous: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        transition: Callable[[Array, Array, Array], Array],
+        y_start: Float[Array, " n"],
+        ts: Float[Array, " T_plus_1"],
+        previous: tuple[Array, Array] | None,
+        ravel: Callable[..., Array],
+    ) -> Float[Array, "T n"]:
+        """The guessed trajectory.
+
+        **Arguments:**
+
+        - `transition`: one substep of the base method on the flat state,
+            `(y, t_start, t_end) -> y_next`.
+        - `y_start`: the window's initial state (flat, real).
+        - `ts`: the substep times, `T + 1` of them.
+        - `previous`: `(trajectory, initial state)` of the previous window, if
+            `needs_previous`, else `None`.
+        - `ravel`: turns a state of the user's pytree structure into a flat one.
+
+        **Returns:** the states at `ts[1:]`, shape `(T, n)`.
+        """
+
+
+class ConstantGuess(AbstractInitialGuess):
+    """The window's initial state at every substep: safe, and needs nothing else.
+
+    **Arguments:** None.
+    """
+
+    def __call__(self, transition, y_start, ts, previous, ravel):
+        return constant_guess(y_start, ts.shape[0] - 1)
+
+
+class PreviousWindowGuess(AbstractInitialGuess):
+    """The previous window's trajectory, translated to the new initial state (good
+    when consecutive windows look alike: slow drift, a steady state). The first
+    window starts from the constant guess.
+
+    **Arguments:** None.
+    """
+
+    needs_previous: ClassVar[bool] = True
+
+    def __call__(self, transition, y_start, ts, previous, ravel):
+        trajectory, start = previous
+        return previous_window_guess(trajectory, start, y_start)
+
+
+class PredictorGuess(AbstractInitialGuess):
+    """A coarse sequential pass of the base method, `stride` substeps per coarse
+    step, interpolated onto the substeps: `T / stride` sequential steps buy a start
+    near the trajectory.
+
+    **Arguments:**
+
+    - `stride`: substeps per coarse step (default 10).
+    """
+
+    stride: int = eqx.field(static=True, default=10)
+
+    def __check_init__(self):
+        if not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(
+                f"PredictorGuess: `stride` must be a positive integer; got "
+                f"{self.stride!r}."
+            )
+
+    def __call__(self, transition, y_start, ts, previous, ravel):
+        return predictor_guess(transition, y_start, ts, self.stride)
+
+
+class PathGuess(AbstractInitialGuess):
+    """A function of time `path(t) -> y`, for example the `evaluate` method of a
+    coarser solution, evaluated at the substep end times.
+
+    **Arguments:**
+
+    - `path`: the function `t -> y` (`y` shaped like the solver's state).
+    """
+
+    path: Callable
+
+    def __call__(self, transition, y_start, ts, previous, ravel):
+        return trajectory_guess(self.path, ts, ravel)
+
+
+_NAMED_GUESSES = {
+    "constant": ConstantGuess,
+    "previous": PreviousWindowGuess,
+    "predictor": PredictorGuess,
+}
+
+
+def initial_guess_strategy(
+    guess: "str | Callable | AbstractInitialGuess", predictor_stride: int = 10
+) -> AbstractInitialGuess:
+    """Turn the shorthands `"constant"`, `"previous"`, `"predictor"` or a function
+    `t -> y` into an initial-guess object."""
+    if isinstance(guess, AbstractInitialGuess):
+        return guess
+    if isinstance(guess, str):
+        if guess == "predictor":
+            return PredictorGuess(predictor_stride)
+        if guess in _NAMED_GUESSES:
+            return _NAMED_GUESSES[guess]()
+    elif callable(guess):
+        return PathGuess(guess)
+    raise ValueError(
+        f"Unknown initial_guess {guess!r}: use one of {tuple(_NAMED_GUESSES)}, a "
+        "function `t -> y` (for example `sol.evaluate` of a coarse solve), or an "
+        "`deer_diffrax.AbstractInitialGuess`."
+    )

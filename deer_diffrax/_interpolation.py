@@ -1,9 +1,7 @@
 """Dense output of a DEER window: the base interpolation, substep by substep."""
 
-import functools as ft
-from typing import ClassVar
-
 import diffrax
+import equinox as eqx
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, ArrayLike, PyTree, Real
@@ -17,8 +15,8 @@ class DeerInterpolation(diffrax.AbstractLocalInterpolation):
     `t` and evaluating the base solver's own local interpolation there, so dense
     output matches the sequential solver's.
 
-    Use [`deer_diffrax.DeerSolver`][]'s `interpolation_cls`, which fixes the base
-    interpolation class; this class is not built by hand.
+    Built by Diffrax through [`deer_diffrax.DeerSolver`][]'s `interpolation_cls`
+    (a [`deer_diffrax.DeerInterpolationFactory`][]), not by hand.
 
     **Arguments:**
 
@@ -26,14 +24,16 @@ class DeerInterpolation(diffrax.AbstractLocalInterpolation):
     - `ts`: the substep times, `num_substeps + 1` of them.
     - `infos`: the base solver's dense information of every substep, stacked along
         a leading axis.
+    - `base_interpolation_cls`: the base solver's local interpolation class.
     """
 
     t0: RealScalarLike
     t1: RealScalarLike
     ts: Real[Array, " substeps_plus_1"]
     infos: PyTree[Array]
-
-    base_interpolation_cls: ClassVar[type[diffrax.AbstractLocalInterpolation]]
+    base_interpolation_cls: type[diffrax.AbstractLocalInterpolation] = eqx.field(
+        static=True
+    )
 
     def evaluate(
         self, t0: RealScalarLike, t1: RealScalarLike | None = None, left: bool = True
@@ -56,12 +56,25 @@ class DeerInterpolation(diffrax.AbstractLocalInterpolation):
         return local.evaluate(t0, left=left)
 
 
-@ft.cache
-def deer_interpolation_cls(base_cls) -> type[DeerInterpolation]:
-    """The `DeerInterpolation` subclass that delegates to `base_cls` (one class per
-    base interpolation, so that Diffrax sees a stable, hashable class)."""
-    return type(
-        f"DeerInterpolation_{base_cls.__name__}",
-        (DeerInterpolation,),
-        {"base_interpolation_cls": base_cls, "__module__": __name__},
+class DeerInterpolationFactory(eqx.Module):
+    """What Diffrax calls to build a [`deer_diffrax.DeerInterpolation`][] for each
+    window (`DeerSolver.interpolation_cls`). A module rather than a class made on the
+    fly, so that solutions with dense output pickle and compare equal.
+
+    **Arguments:**
+
+    - `base_interpolation_cls`: the base solver's local interpolation class.
+    """
+
+    base_interpolation_cls: type[diffrax.AbstractLocalInterpolation] = eqx.field(
+        static=True
     )
+
+    def __call__(self, *, t0, t1, ts, infos) -> DeerInterpolation:
+        return DeerInterpolation(
+            t0=t0,
+            t1=t1,
+            ts=ts,
+            infos=infos,
+            base_interpolation_cls=self.base_interpolation_cls,
+        )

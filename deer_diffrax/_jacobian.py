@@ -9,6 +9,7 @@ only has to say which of those entries it keeps and how it stores them.
 
 import abc
 from collections.abc import Callable
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -33,9 +34,15 @@ class AbstractJacobianMode(eqx.Module):
     """Which structure of the per-step Jacobians `J_i` the Newton iteration uses.
 
     Subclass it and implement `blocks` to add a structure (block-diagonal, say).
+    A mode whose blocks are the exact Jacobian sets the class variable
+    `exact = True`; Newton's method then trusts its last update as the error estimate
+    (quadratic convergence). Any other mode is a quasi-Newton method, whose solve
+    [`deer_diffrax.DeerNewton`][] finishes with one exact Newton step.
 
     **Arguments:** None.
     """
+
+    exact: ClassVar[bool] = False
 
     @abc.abstractmethod
     def blocks(
@@ -60,6 +67,8 @@ class FullJacobian(AbstractJacobianMode):
 
     **Arguments:** None.
     """
+
+    exact: ClassVar[bool] = True
 
     def blocks(self, linear_fn, struct):
         out = _probe(linear_fn, struct)

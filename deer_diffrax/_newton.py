@@ -6,12 +6,13 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from ._jacobian import AbstractJacobianMode, FullJacobian
-from ._operator import BlockBidiagonalOperator
+from ._operator import BlockBidiagonalOperator, unit_lower_block_bidiagonal_tag
 from ._scan_solve import AssociativeScanSolver
 
 
@@ -53,6 +54,18 @@ class DeerNewtonState(eqx.Module):
 
 
 _MAX_DAMPING = 1e12
+# Below this the damping is switched off, so the steps are exact Newton steps again.
+_MIN_DAMPING = 1e-4
+# The largest linear convergence rate a quasi-Newton error estimate assumes: at the
+# rounding floor successive updates no longer shrink, and a larger cap would turn
+# that noise into a large error estimate. A slower true rate is caught by the exact
+# Newton step that ends every quasi-Newton solve.
+_MAX_RATE = 0.5
+# A quasi-Newton iteration stops once its estimated error is this fraction of the
+# tolerance (as simplified Newton iterations in implicit Runge-Kutta codes do): the
+# estimate sees only what the approximate blocks see, and the margin keeps the final
+# exact check from failing on an estimate that was slightly optimistic.
+_LINEAR_SAFETY = 0.1
 
 
 class DeerNewton(optx.AbstractRootFinder):
@@ -64,12 +77,20 @@ class DeerNewton(optx.AbstractRootFinder):
     [`deer_diffrax.AbstractJacobianMode`][]) and solves the linear recurrence
     `dy_i = J_i dy_{i-1} - F_i` with [`deer_diffrax.AssociativeScanSolver`][].
 
-    Converged means the residual is small, `|F(Y)_i| <= atol + rtol |y_i|` for every
-    entry: each substep then satisfies the base method's equation to within the same
-    tolerance that a sequential solve's rounding would, independently of the length
-    `T` (a criterion on the Newton update would have to grow with `T`). The returned
-    iterate is the one after that final step, so with full Newton it is accurate to
-    about the square of the tolerance.
+    Converged means the error of the returned trajectory against the root is within
+    tolerance, `atol + rtol |y_i|` entrywise. An exact Newton update is, to first
+    order, the error of the iterate it started from: with exact blocks the iteration
+    stops once an undamped update is within tolerance and returns the updated
+    iterate, whose error is about the square of it. A criterion on the residual
+    would not do: errors within the residual tolerance at every substep accumulate
+    along the trajectory (measured: float32 results hundreds of times further from
+    the root than the rounding of a sequential solve). With approximate blocks
+    (quasi-Newton, `jacobian_fn`) the iteration stops once its linear-rate estimate
+    of the error is a tenth of the tolerance, and `postprocess` finishes with one
+    exact Newton step, whose update checks that estimate with the full coupling and
+    whose correction squares the error; its size is returned as the statistic
+    `error_estimate` (see `solve_trajectory`, which fails the solve when it exceeds
+    1).
 
     **Damping.** Far from the solution the linearised recurrence can amplify
     exponentially and the next iterate overflows (Van der Pol or Lotka-Volterra
@@ -101,6 +122,14 @@ class DeerNewton(optx.AbstractRootFinder):
     linear_solver: lx.AbstractLinearSolver = AssociativeScanSolver()
     jacobian_fn: Callable[[Array, Any], Array] | None = None
     linearise_trials: bool = eqx.field(static=True, default=False)
+
+    @property
+    def _exact(self) -> bool:
+        return self.jacobian.exact and self.jacobian_fn is None
+
+    def _scaled_norm(self, x: Array, at: Array) -> Float[Array, ""]:
+        scale = self.atol + self.rtol * jnp.abs(at)
+        return jnp.real(self.norm(x / scale))
 
     def _keeps_anchor_linearisation(self) -> bool:
         # With damping, a rejected trial needs the residual and blocks at the last
@@ -147,9 +176,8 @@ class DeerNewton(optx.AbstractRootFinder):
         struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
         first = state.num_steps == 0
 
-        def scaled_norm(residual, at):
-            scale = self.atol + self.rtol * jnp.abs(at)
-            return self.norm(residual / scale).astype(state.residual_norm.dtype)
+        def scaled_norm(x, at):
+            return self._scaled_norm(x, at).astype(state.residual_norm.dtype)
 
         keep = self._keeps_anchor_linearisation()
         if keep or not self.damping:
@@ -170,9 +198,11 @@ class DeerNewton(optx.AbstractRootFinder):
             picard = state.damping >= _MAX_DAMPING
             accept = finite & (first | growth_ok | picard)
             anchor = jnp.where(accept, y, state.anchor)
+            relaxed = state.damping / 10
+            relaxed = jnp.where(relaxed < _MIN_DAMPING, 0, relaxed)
             damping = jnp.where(
                 accept,
-                state.damping / 10,
+                relaxed,
                 jnp.minimum(jnp.maximum(10 * state.damping, 1.0), _MAX_DAMPING),
             )
             residual_norm = jnp.where(accept, trial_norm, state.residual_norm)
@@ -202,6 +232,7 @@ class DeerNewton(optx.AbstractRootFinder):
             throw=False,
         ).value
         new_y = base_y - update
+        update_norm = scaled_norm(update, base_y)
         if self.damping:
             # A non-finite trial would stop Optimistix's loop before the next step
             # could reject it: reject it here, staying at the anchor. The next step
@@ -215,11 +246,12 @@ class DeerNewton(optx.AbstractRootFinder):
                 jnp.minimum(jnp.maximum(100 * damping, 10.0), _MAX_DAMPING),
             )
             num_rejected = num_rejected + jnp.where(update_finite, 0, 1)
+            update_norm = jnp.where(update_finite, update_norm, jnp.inf)
         else:
             still_finite = still_finite & jnp.all(jnp.isfinite(update))
         new_state = DeerNewtonState(
             residual_norm=residual_norm,
-            update_norm=scaled_norm(update, base_y),
+            update_norm=update_norm,
             previous_update_norm=state.update_norm,
             finite=still_finite,
             num_steps=state.num_steps + 1,
@@ -233,37 +265,87 @@ class DeerNewton(optx.AbstractRootFinder):
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, y, args, options, tags
-        converged = state.residual_norm <= 1
-        exact = isinstance(self.jacobian, FullJacobian) and self.jacobian_fn is None
-        if not exact:
-            # Quasi-Newton converges linearly: the last update does not square the
-            # error, which is about rate / (1 - rate) times that update. Without this
-            # the residual test left errors of ~1e-3 in float32 (measured).
-            rate = jnp.minimum(state.update_norm / state.previous_update_norm, 0.99)
-            rate = jnp.where(jnp.isfinite(rate), rate, 0.0)
-            converged = converged & (state.update_norm * rate / (1 - rate) <= 1)
+        converged = self._error_estimate(state) <= 1
         diverged = jnp.invert(state.finite)
         result = optx.RESULTS.where(
             diverged, optx.RESULTS.nonlinear_divergence, optx.RESULTS.successful
         )
         return converged | diverged, result
 
+    def _error_estimate(self, state: DeerNewtonState) -> Float[Array, ""]:
+        """The scaled error of the iterate after the last step, as estimated from
+        the last two updates.
+
+        An undamped exact Newton update is, to first order, the error of the point it
+        started from, and the updated point is far more accurate (quadratic
+        convergence); so its size is a safe bound, and nothing else counts in exact
+        mode. A quasi-Newton step contracts the error only linearly, by a rate
+        `theta` estimated from the ratio of the last two updates, and leaves an
+        error of about `theta / (1 - theta)` times the last update; the solve's
+        final exact step checks that estimate.
+        """
+        update = state.update_norm
+        previous = state.previous_update_norm
+        known = jnp.isfinite(previous) & (previous > 0)
+        rate = jnp.where(known, update / jnp.where(known, previous, 1), _MAX_RATE)
+        rate = jnp.clip(rate, 0, _MAX_RATE)
+        linear = update * rate / (1 - rate) / _LINEAR_SAFETY
+        if self._exact:
+            # A damped step is not judged by its rate: on strongly amplifying
+            # dynamics a heavily damped (Picard-like) iteration can take tiny steps
+            # far from the root. Only an undamped exact update measures the error.
+            estimate = jnp.where(state.damping == 0, update, jnp.inf)
+        else:
+            estimate = linear
+        return jnp.where(jnp.isfinite(estimate), estimate, jnp.inf)
+
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         del options, tags, result
-        # The iteration stops once the residual at `state.anchor` is within tolerance
-        # and returns the iterate one step later. That step is usually a further
-        # (quadratic) improvement, but where the linearised recurrence amplifies
-        # strongly it can spoil the answer: check it, and keep the better of the two.
-        residual, _ = fn(y, args)
-        norm = self.norm(residual / (self.atol + self.rtol * jnp.abs(y)))
-        keep_last = norm <= state.residual_norm  # False for a NaN residual
+        struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
+        if self._exact:
+            # The last step was an exact Newton step whose update was within
+            # tolerance, so the returned iterate is the updated one. Where the
+            # linearised recurrence amplifies strongly that step can still spoil it:
+            # keep the point it started from if the step made the residual both worse
+            # and larger than the tolerance (or non-finite).
+            residual, _ = fn(y, args)
+            norm = self._scaled_norm(residual, y)
+            keep_last = norm <= jnp.maximum(state.residual_norm, 1)  # False for NaN
+            value = jnp.where(keep_last, y, state.anchor)
+            final_residual = jnp.where(keep_last, norm, state.residual_norm)
+            error = self._error_estimate(state)
+            num_steps = state.num_steps
+        else:
+            # A quasi-Newton estimate of the error is blind to what its blocks
+            # leave out (the coupling between components, for diagonal blocks), so
+            # the solve ends with one exact Newton step. Its update is the error of
+            # the quasi-Newton iterate to first order, a check that sees everything;
+            # applying it squares that error.
+            start = jnp.where(jnp.all(jnp.isfinite(y)), y, state.anchor)
+            residual, linear_fn, _ = jax.linearize(
+                lambda _y: fn(_y, args), start, has_aux=True
+            )
+            blocks = FullJacobian().blocks(linear_fn, struct)
+            update = lx.linear_solve(
+                BlockBidiagonalOperator(blocks),
+                residual,
+                self.linear_solver,
+                throw=False,
+            ).value
+            value = start - update
+            finite = jnp.all(jnp.isfinite(value))
+            value = jnp.where(finite, value, start)
+            error = jnp.where(finite, self._scaled_norm(update, start), jnp.inf)
+            final_residual = self._scaled_norm(residual, start)
+            num_steps = state.num_steps + 1
         stats: dict[str, Any] = dict(
             residual_norm=state.residual_norm,
-            final_residual_norm=jnp.where(keep_last, norm, state.residual_norm),
-            num_newton_steps=state.num_steps,
+            final_residual_norm=final_residual,
+            error_estimate=error,
+            num_newton_steps=num_steps,
             num_rejected=state.num_rejected,
         )
-        return jnp.where(keep_last, y, state.anchor), aux, stats
+        return value, aux, stats
 
 
 DeerNewton.__init__.__doc__ = """**Arguments:**
@@ -292,3 +374,117 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
     the residual can be linearised at any finite point; implicit base methods, whose
     inner solves can fail at wild trial points, need the default `False`.
 """
+
+
+class TrajectorySolution(eqx.Module):
+    """What [`deer_diffrax.DeerNewton`][] found for one trajectory (see
+    `solve_trajectory`)."""
+
+    value: Array
+    result: optx.RESULTS
+    num_steps: Int[Array, ""]
+    num_rejected: Int[Array, ""]
+    residual_norm: Float[Array, ""]
+    error_estimate: Float[Array, ""]
+
+
+class _FiniteOutputSolver(lx.AbstractLinearSolver):
+    """Delegates to `solver`, but never hands Lineax a non-finite solution.
+
+    Optimistix's implicit adjoint solves with `throw=True`, and Lineax raises on any
+    non-finite solution. The gradient of a failed solve must be NaN instead (as its
+    value is), which `solve_trajectory` arranges separately; here the non-finite
+    entries only need to get past Lineax.
+    """
+
+    solver: lx.AbstractLinearSolver
+
+    def init(self, operator, options):
+        return self.solver.init(operator, options)
+
+    def compute(self, state, vector, options):
+        solution, result, stats = self.solver.compute(state, vector, options)
+        solution = jtu.tree_map(lambda x: jnp.where(jnp.isfinite(x), x, 0), solution)
+        return solution, result, stats
+
+    def transpose(self, state, options):
+        state, options = self.solver.transpose(state, options)
+        return state, options
+
+    def conj(self, state, options):
+        return self.solver.conj(state, options)
+
+    def assume_full_rank(self):
+        return self.solver.assume_full_rank()
+
+
+@jax.custom_jvp
+def _scale_tangent(x: Array, factor: Array) -> Array:
+    """`x`, whose tangent is multiplied by `factor` (not differentiated)."""
+    del factor
+    return x
+
+
+@_scale_tangent.defjvp
+def _scale_tangent_jvp(primals, tangents):
+    x, factor = primals
+    t_x, _ = tangents
+    return x, t_x * factor
+
+
+def solve_trajectory(
+    residual_fn: Callable[[Array, Any], Array],
+    newton: DeerNewton,
+    guess: Array,
+    args: Any,
+    max_steps: int,
+) -> TrajectorySolution:
+    """Find the root of a unit lower block-bidiagonal residual `F(Y)` with `newton`,
+    differentiably (implicit function theorem, through `newton.linear_solver`).
+
+    Never raises, forward or backward: failures are in `result`, and the derivative
+    of a failed solve is NaN. A solve counts as successful only if the
+    error estimate of the returned trajectory is within tolerance (after a
+    quasi-Newton solve, the one given by its final exact Newton step).
+    """
+    solution = optx.root_find(
+        residual_fn,
+        newton,
+        guess,
+        args=args,
+        max_steps=max_steps,
+        adjoint=optx.ImplicitAdjoint(
+            linear_solver=_FiniteOutputSolver(newton.linear_solver)
+        ),
+        throw=False,
+        tags=frozenset({unit_lower_block_bidiagonal_tag}),
+    )
+    stats = solution.stats
+    error = stats["error_estimate"]
+    residual = stats["final_residual_norm"]
+    successful = solution.result == optx.RESULTS.successful
+    result = optx.RESULTS.where(
+        successful & ~(error <= 1),
+        optx.RESULTS.nonlinear_max_steps_reached,
+        solution.result,
+    )
+    result = optx.RESULTS.where(
+        (result == optx.RESULTS.successful) & ~jnp.isfinite(residual),
+        optx.RESULTS.nonlinear_divergence,
+        result,
+    )
+    # A failed solve has no meaningful derivative: make it NaN, like a failed
+    # sequential solve's, rather than whatever the adjoint solve made of it.
+    nan_if_failed = jax.lax.stop_gradient(
+        jnp.where(result == optx.RESULTS.successful, 1, jnp.nan).astype(
+            solution.value.dtype
+        )
+    )
+    return TrajectorySolution(
+        value=_scale_tangent(solution.value, nan_if_failed),
+        result=result,
+        num_steps=jnp.asarray(stats["num_newton_steps"], dtype=jnp.int32),
+        num_rejected=jnp.asarray(stats["num_rejected"], dtype=jnp.int32),
+        residual_norm=residual,
+        error_estimate=error,
+    )

@@ -21,8 +21,8 @@ import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._jacobian import AbstractJacobianMode, jacobian_mode
-from ._newton import DeerNewton
-from ._operator import shift_in, unit_lower_block_bidiagonal_tag
+from ._newton import DeerNewton, solve_trajectory
+from ._operator import shift_in
 from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
 from ._solver import default_tolerance
@@ -38,6 +38,9 @@ class ScanStats(eqx.Module):
     - `residual_norm`: the scaled max-norm of the residual at the returned states,
         `max_t |h_t - cell(h_{t-1}, x_t)| / (atol + rtol |h_t|)`; `<= 1` means every
         step satisfies the recurrence to the Newton tolerance.
+    - `error_estimate`: Newton's estimate of the error of the returned states
+        against the sequential recurrence (the size of the last exact Newton
+        update), scaled by `atol + rtol |h_t|`; `<= 1` means converged.
     - `result`: an `optimistix.RESULTS` code: `successful`,
         `nonlinear_max_steps_reached` (not converged in `max_newton_steps`), or
         `nonlinear_divergence` / `nonfinite` (a non-finite residual, Newton update
@@ -47,6 +50,7 @@ class ScanStats(eqx.Module):
     num_newton_steps: Int[Array, ""]
     num_rejected: Int[Array, ""]
     residual_norm: Float[Array, ""]
+    error_estimate: Float[Array, ""]
     result: optx.RESULTS
 
 
@@ -169,6 +173,7 @@ def _empty_scan(cell, h0, xs, return_stats):
         num_newton_steps=jnp.array(0),
         num_rejected=jnp.array(0),
         residual_norm=jnp.array(0.0, real_ravel(h0)[0].dtype),
+        error_estimate=jnp.array(0.0, real_ravel(h0)[0].dtype),
         result=optx.RESULTS.successful,
     )
     return states, stats
@@ -269,11 +274,15 @@ def scan(
         (quasi-Newton with the exact diagonal of each step's Jacobian: `O(T n)`
         memory and scan work, linear convergence, more iterations), or a
         [`deer_diffrax.AbstractJacobianMode`][].
-    - `rtol`, `atol`: Newton stops once every step satisfies the recurrence,
-        `|h_t - cell(h_{t-1}, x_t)| <= atol + rtol |h_t|` entrywise, takes one last
-        step, and returns whichever of the last two iterates has the smaller
-        residual. Default (`None`): `10 eps^0.75` of the carry's dtype (about
-        `2e-11` in float64, `6e-5` in float32).
+    - `rtol`, `atol`: a bound on the error of the returned states against the
+        sequential recurrence: Newton stops once its exact update (to first order,
+        that error) is within `atol + rtol |h_t|` entrywise, and returns the updated
+        states, whose error is then about the square of it. With
+        `jacobian="diagonal"` the quasi-Newton iterations stop on their own error
+        estimate and one exact Newton step checks and corrects it. Default
+        (`None`): `10 eps^0.75` of the carry's dtype (about `2e-11` in float64,
+        `6e-5` in float32), which leaves results at the rounding level of
+        `jax.lax.scan`.
     - `max_newton_steps`: the most Newton iterations allowed (default 100). In exact
         arithmetic Newton is exact after at most `T` iterations; contractive RNN
         cells need a handful with `jacobian="full"`.
@@ -364,26 +373,12 @@ def scan(
         # trial once and keep the accepted linearisation (one pass per iteration).
         linearise_trials=True,
     )
-    inputs = (flat_cell, h0_flat, xs)
-    solution = optx.root_find(
-        _residual,
-        newton,
-        guess,
-        args=inputs,
-        max_steps=max_newton_steps,
-        adjoint=optx.ImplicitAdjoint(linear_solver=linear_solver),
-        # Errors are raised below, with messages about this function's options.
-        throw=False,
-        tags=frozenset({unit_lower_block_bidiagonal_tag}),
+    solution = solve_trajectory(
+        _residual, newton, guess, (flat_cell, h0_flat, xs), max_newton_steps
     )
     trajectory = solution.value
-    residual_norm = solution.stats["final_residual_norm"]
-    # Belt and braces: a "converged" solve must return states within tolerance.
-    result = optx.RESULTS.where(
-        (solution.result == optx.RESULTS.successful) & ~(residual_norm <= 1),
-        optx.RESULTS.nonlinear_divergence,
-        solution.result,
-    )
+    result = solution.result
+    residual_norm = solution.residual_norm
     if throw:
         max_steps_reached = result == optx.RESULTS.nonlinear_max_steps_reached
         trajectory = eqx.error_if(trajectory, max_steps_reached, _MAX_STEPS_MESSAGE)
@@ -396,9 +391,10 @@ def scan(
     if not return_stats:
         return states
     stats = ScanStats(
-        num_newton_steps=jnp.asarray(solution.stats["num_steps"]),
-        num_rejected=jnp.asarray(solution.stats["num_rejected"]),
+        num_newton_steps=solution.num_steps,
+        num_rejected=solution.num_rejected,
         residual_norm=residual_norm,
+        error_estimate=solution.error_estimate,
         result=result,
     )
     return states, stats

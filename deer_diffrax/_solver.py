@@ -14,17 +14,16 @@ import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree
 
 from ._guess import (
+    AbstractInitialGuess,
     constant_guess,
-    predictor_guess,
-    previous_window_guess,
+    initial_guess_strategy,
     sequential_trajectory,
-    trajectory_guess,
 )
-from ._interpolation import deer_interpolation_cls
+from ._interpolation import DeerInterpolationFactory
 from ._jacobian import AbstractJacobianMode, DiagonalJacobian, jacobian_mode
-from ._newton import DeerNewton
+from ._newton import DeerNewton, solve_trajectory
 from ._one_step import euler_step, one_step_map
-from ._operator import shift_in, unit_lower_block_bidiagonal_tag
+from ._operator import shift_in
 from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
 
@@ -51,7 +50,10 @@ class DeerState(eqx.Module):
     - `newton_steps_histogram`: entry `k` counts the accepted windows that took `k`
         Newton iterations (length `max_newton_steps + 1` of the solver).
     - `last_residual`: scaled max-norm of the last window's final residual
-        `y_i - Phi_i(y_{i-1})` (`<= 1` means within the Newton tolerance).
+        `y_i - Phi_i(y_{i-1})` (near rounding level once converged).
+    - `last_error_estimate`: Newton's estimate of the last window's error against
+        the sequential solution of its substeps (the size of its last exact Newton
+        update), scaled by the tolerance; `<= 1` means converged.
     - `total_rejected`: trial iterates rejected by damping, over all windows.
     - `num_fallbacks`: windows finished by the sequential fallback.
     - `previous`: the last window's trajectory and initial state, kept only for
@@ -64,6 +66,7 @@ class DeerState(eqx.Module):
     max_newton_steps: Int[Array, ""]
     newton_steps_histogram: Int[Array, " max_newton_steps_plus_1"]
     last_residual: Float[Array, ""]
+    last_error_estimate: Float[Array, ""]
     total_rejected: Int[Array, ""]
     num_fallbacks: Int[Array, ""]
     previous: tuple[Array, Array] | None
@@ -103,6 +106,29 @@ def _check_terms(terms, base_solver) -> None:
             "`DeerSolver(diffrax.Euler())`, `DeerSolver(diffrax.Heun())` or "
             "`DeerSolver(diffrax.EulerHeun())`."
         )
+
+
+def _nan_floats_as_arrays(args: PyTree) -> PyTree:
+    # Python floats in `args` are static to the root finder's closure conversion,
+    # which then checks that they compare equal to themselves: NaN does not. Other
+    # Python scalars stay static, as Diffrax leaves them.
+    is_nan = lambda x: isinstance(x, float) and x != x
+    return jtu.tree_map(lambda x: jnp.asarray(x) if is_nan(x) else x, args)
+
+
+def _with_bounded_stages(base_solver):
+    """The base solver with a forward-differentiable stage loop.
+
+    Forward-mode autodiff (used to linearise each substep) cannot pass through the
+    checkpointed stage loop that Diffrax's Runge-Kutta solvers use by default. Done at
+    trace time rather than in `DeerSolver.__init__`, so that the solver holds no
+    string leaf and passes through `jax.jit` like Diffrax's own solvers.
+    """
+    if isinstance(base_solver, diffrax.AbstractRungeKutta):
+        return eqx.tree_at(
+            lambda s: s.scan_kind, base_solver, "bounded", is_leaf=lambda x: x is None
+        )
+    return base_solver
 
 
 def _substep(base_solver, terms, args, unravel, y_prev, t_start, t_end):
@@ -184,13 +210,6 @@ def _substep_times(t0, t1, num_substeps: int) -> Array:
     return ts.at[-1].set(t1)
 
 
-_GUESSES = ("constant", "previous", "predictor")
-
-
-def _is_named_guess(guess, name: str) -> bool:
-    return isinstance(guess, str) and guess == name
-
-
 def default_tolerance(dtype) -> float:
     """The default Newton `rtol` and `atol` for a state of floating `dtype`: ten times
     `eps ** 0.75` (about 2e-11 in float64 and 6e-5 in float32), well above the
@@ -242,9 +261,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     max_newton_steps: int = eqx.field(static=True)
     jacobian: AbstractJacobianMode
     damping: bool = eqx.field(static=True)
-    # Not static: a guess such as `coarse_solution.evaluate` carries arrays.
-    initial_guess: str | Callable
-    predictor_stride: int = eqx.field(static=True)
+    initial_guess: AbstractInitialGuess
     fallback: str | None = eqx.field(static=True)
     linear_solver: lx.AbstractLinearSolver
     linearise: str = eqx.field(static=True)
@@ -258,7 +275,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         max_newton_steps: int = 50,
         jacobian: "str | AbstractJacobianMode" = "full",
         damping: bool = True,
-        initial_guess: "str | Callable" = "constant",
+        initial_guess: "str | Callable | AbstractInitialGuess" = "constant",
         predictor_stride: int = 10,
         fallback: str | None = None,
         linear_solver: lx.AbstractLinearSolver | None = None,
@@ -284,27 +301,9 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if tol is not None and not tol > 0:
                 raise ValueError(f"`{name}` must be positive; got {tol!r}.")
-        if isinstance(initial_guess, str):
-            known = initial_guess in _GUESSES
-        else:
-            known = callable(initial_guess)
-        if not known:
-            raise ValueError(
-                f"Unknown initial_guess {initial_guess!r}: use one of {_GUESSES} or "
-                "a function `t -> y` (for example `sol.evaluate` of a coarse solve)."
-            )
         if fallback not in (None, "sequential"):
             raise ValueError(
                 f"Unknown fallback {fallback!r}: use None or 'sequential'."
-            )
-        if isinstance(base_solver, diffrax.AbstractRungeKutta):
-            # Forward-mode autodiff (used to linearise each substep) cannot pass
-            # through the checkpointed stage loop that Diffrax uses by default.
-            base_solver = eqx.tree_at(
-                lambda s: s.scan_kind,
-                base_solver,
-                "bounded",
-                is_leaf=lambda x: x is None,
             )
         self.base_solver = base_solver
         self.num_substeps = num_substeps
@@ -313,8 +312,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         self.max_newton_steps = max_newton_steps
         self.jacobian = jacobian_mode(jacobian)
         self.damping = damping
-        self.initial_guess = initial_guess
-        self.predictor_stride = predictor_stride
+        self.initial_guess = initial_guess_strategy(initial_guess, predictor_stride)
         self.fallback = fallback
         if linear_solver is None:
             linear_solver = AssociativeScanSolver()
@@ -360,9 +358,10 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     @property
     def scan_kind(self):
         # Read by Diffrax's `DirectAdjoint`/`ForwardMode` for Runge-Kutta solvers
-        # (which the wrapped `isinstance` makes us look like); `__init__` already
-        # made the base's stage loop forward-differentiable.
-        return self.base_solver.scan_kind
+        # (which the wrapped `isinstance` makes us look like): not `None`, so they
+        # leave the solver alone; `step` makes the base's stage loop
+        # forward-differentiable itself.
+        return "bounded"
 
     @property
     def term_structure(self):
@@ -370,7 +369,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
 
     @property
     def interpolation_cls(self):
-        return deer_interpolation_cls(self.base_solver.interpolation_cls)
+        return DeerInterpolationFactory(self.base_solver.interpolation_cls)
 
     def order(self, terms):
         return self.base_solver.order(terms)
@@ -385,7 +384,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         del t0, t1, args
         _check_terms(terms, self.base_solver)
         zero = jnp.array(0, dtype=jnp.int32)
-        if _is_named_guess(self.initial_guess, "previous"):
+        if self.initial_guess.needs_previous:
             y_start, _ = real_ravel(y0)
             previous = (constant_guess(y_start, self.num_substeps), y_start)
         else:
@@ -399,21 +398,11 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
                 self.max_newton_steps + 1, dtype=jnp.int32
             ),
             last_residual=jnp.array(0.0),
+            last_error_estimate=jnp.array(0.0),
             total_rejected=zero,
             num_fallbacks=zero,
             previous=previous,
         )
-
-    def _guess(self, substep, y_start, ts, solver_state):
-        if not isinstance(self.initial_guess, str):
-            ravel = lambda y: real_ravel(y)[0]
-            return trajectory_guess(self.initial_guess, ts, ravel)
-        if self.initial_guess == "previous":
-            previous, previous_start = solver_state.previous
-            return previous_window_guess(previous, previous_start, y_start)
-        if self.initial_guess == "predictor":
-            return predictor_guess(substep, y_start, ts, self.predictor_stride)
-        return constant_guess(y_start, self.num_substeps)
 
     def step(
         self,
@@ -434,8 +423,10 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             "DeerSolver: the initial state y0 contains NaN or inf; pass a finite y0.",
         )
         ts = _substep_times(t0, t1, self.num_substeps)
-        substep = ft.partial(_substep, self.base_solver, terms, args, unravel)
-        substep_state = ft.partial(_transition, self.base_solver, terms, args, unravel)
+        args = _nan_floats_as_arrays(args)
+        base_solver = _with_bounded_stages(self.base_solver)
+        substep = ft.partial(_substep, base_solver, terms, args, unravel)
+        substep_state = ft.partial(_transition, base_solver, terms, args, unravel)
 
         default = default_tolerance(y_start.dtype)
         newton = DeerNewton(
@@ -451,16 +442,19 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             ),
             linearise_trials=one_step_map(self.base_solver) is not None,
         )
-        guess = self._guess(substep_state, y_start, ts, solver_state)
-        solution = optx.root_find(
-            ft.partial(_trajectory_residual, self.base_solver, unravel),
+        guess = self.initial_guess(
+            substep_state,
+            y_start,
+            ts,
+            solver_state.previous,
+            lambda y: real_ravel(y)[0],
+        )
+        solution = solve_trajectory(
+            ft.partial(_trajectory_residual, base_solver, unravel),
             newton,
             guess,
-            args=(terms, y_start, ts, args),
-            max_steps=self.max_newton_steps,
-            adjoint=optx.ImplicitAdjoint(linear_solver=self.linear_solver),
-            throw=False,
-            tags=frozenset({unit_lower_block_bidiagonal_tag}),
+            (terms, y_start, ts, args),
+            self.max_newton_steps,
         )
         trajectory = solution.value
         newton_failed = solution.result != optx.RESULTS.successful
@@ -485,7 +479,6 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         mapped, errors, dense_infos, base_results = jax.vmap(substep)(
             previous, ts[:-1], ts[1:]
         )
-        y1 = unravel(mapped[-1])
 
         base_ok = base_results == diffrax.RESULTS.successful
         first_base_failure = jtu.tree_map(
@@ -497,6 +490,20 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             finite, result, diffrax.RESULTS.nonlinear_divergence
         )
         ok = result == diffrax.RESULTS.successful
+        # A failed window must not be read as an answer: Diffrax still saves its end
+        # state, evaluates events on it and may search its dense output for an event
+        # time (a terminating event even replaces the failure code with
+        # `event_occurred`). So everything it returns is NaN, derivatives included
+        # (a multiplication, where `jnp.where` would give them a zero tangent).
+        nan_if_failed = jax.lax.stop_gradient(jnp.where(ok, 1.0, jnp.nan))
+        poison = lambda x: (
+            x * nan_if_failed.astype(x.dtype)
+            if jnp.issubdtype(x.dtype, jnp.inexact)
+            else x
+        )
+        mapped = poison(mapped)
+        dense_infos = jtu.tree_map(poison, dense_infos)
+        y1 = unravel(mapped[-1])
 
         if errors is None:
             y_error = None
@@ -507,8 +514,8 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
 
         scale = newton.atol + newton.rtol * jnp.abs(mapped)
         residual = optx.max_norm((trajectory - mapped) / scale)
-        newton_steps = jnp.asarray(solution.stats["num_steps"], dtype=jnp.int32)
-        rejected = jnp.asarray(solution.stats["num_rejected"], dtype=jnp.int32)
+        newton_steps = solution.num_steps
+        rejected = solution.num_rejected
         new_state = DeerState(
             num_windows=solver_state.num_windows + 1,
             last_newton_steps=newton_steps,
@@ -518,6 +525,9 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
                 newton_steps
             ].add(1),
             last_residual=residual.astype(solver_state.last_residual.dtype),
+            last_error_estimate=solution.error_estimate.astype(
+                solver_state.last_error_estimate.dtype
+            ),
             total_rejected=solver_state.total_rejected + rejected,
             num_fallbacks=solver_state.num_fallbacks + num_fallbacks,
             previous=None if solver_state.previous is None else (trajectory, y_start),
@@ -539,11 +549,15 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
 - `num_substeps`: substeps per window (per Diffrax step), default 100. Longer
     windows expose more parallelism but need more Newton iterations and memory
     (`O(num_substeps n^2)` for `jacobian="full"`).
-- `rtol`, `atol`: Newton tolerance on the residual of every substep,
-    `|y_i - Phi_i(y_{i-1})| <= atol + rtol |y_i|`. Default (`None`):
+- `rtol`, `atol`: a bound on the error of each window's trajectory against the
+    sequential solution of the same substeps, `atol + rtol |y_i|` entrywise: Newton
+    stops once its exact update (to first order, that error) is within it, and
+    returns the updated trajectory, whose error is then about the square of it.
+    With `jacobian="diagonal"` the quasi-Newton iterations stop on their own error
+    estimate and one exact Newton step checks and corrects it. Default (`None`):
     `10 eps^0.75` of the state's dtype (about `2e-11` for float64, `6e-5` for
-    float32). These are not the ODE tolerances (those belong to the step-size
-    controller).
+    float32), which leaves results at the rounding level of the sequential solve.
+    These are not the ODE tolerances (those belong to the step-size controller).
 - `max_newton_steps`: Newton iterations allowed per window before it is reported
     as failed (default 50).
 - `jacobian`: `"full"` (exact Newton, default) or `"diagonal"` (quasi-Newton with
@@ -553,14 +567,17 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
 - `damping`: reject Newton iterates whose residual overflows or grows sharply and
     retry with shrunk Jacobian blocks, down to a Picard sweep (default `True`; free
     when Newton behaves; see [`deer_diffrax.DeerNewton`][]).
-- `initial_guess`: where Newton starts in each window: `"constant"` (the window's
-    initial state at every substep; default), `"previous"` (the previous window's
-    trajectory, translated to the new initial state), `"predictor"` (a coarse
-    sequential pass of the base method, `predictor_stride` substeps per coarse
-    step, interpolated onto the substeps), or a function `t -> y` (e.g. the
-    `evaluate` method of a coarser solution).
-- `predictor_stride`: substeps per coarse step of the `"predictor"` guess
-    (default 10).
+- `initial_guess`: where Newton starts in each window, a
+    [`deer_diffrax.AbstractInitialGuess`][] or a shorthand for one: `"constant"`
+    ([`deer_diffrax.ConstantGuess`][], the window's initial state at every
+    substep; default), `"previous"` ([`deer_diffrax.PreviousWindowGuess`][], the
+    previous window's trajectory translated to the new initial state),
+    `"predictor"` ([`deer_diffrax.PredictorGuess`][], a coarse sequential pass of
+    the base method interpolated onto the substeps), or a function `t -> y`
+    ([`deer_diffrax.PathGuess`][], e.g. the `evaluate` method of a coarser
+    solution).
+- `predictor_stride`: substeps per coarse step of the `"predictor"` shorthand
+    (default 10); `PredictorGuess(stride)` says it directly.
 - `fallback`: `None` (default: a failed window is reported) or `"sequential"`: a
     window whose Newton solve fails is finished by the base solver one substep at a
     time; `DeerState.num_fallbacks` records it.

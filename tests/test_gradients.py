@@ -401,12 +401,12 @@ def _long_window_grad(max_newton_steps):
 
 def test_backward_pass_independent_of_newton_iterations():
     inputs = (_PARAMS, _Y0, _ARGS)
-    few, memory_few, size_few = _compiled_with_sizes(_long_window_grad(3), *inputs)
+    few, memory_few, size_few = _compiled_with_sizes(_long_window_grad(4), *inputs)
     many, memory_many, size_many = _compiled_with_sizes(_long_window_grad(30), *inputs)
-    # Both converge, in the same (at most three) iterations, to the same gradient.
+    # Both converge, in the same (at most four) iterations, to the same gradient.
     grads_few, steps_few = few(*inputs)
     grads_many, steps_many = many(*inputs)
-    assert int(steps_few) <= 3 and int(steps_many) == int(steps_few)
+    assert int(steps_few) <= 4 and int(steps_many) == int(steps_few)
     assert max_relative_difference(grads_few, grads_many) <= _EXACT_RTOL
     # Differentiating through the iterations would store up to ten times as many
     # iterates (see the control below); the implicit gradient stores none. A few
