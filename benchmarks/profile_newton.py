@@ -62,10 +62,7 @@ import numpy as np  # noqa: E402
 from deer_diffrax import DeerSolver, solve_linear_recurrence  # noqa: E402
 from deer_diffrax._jacobian import DiagonalJacobian, FullJacobian  # noqa: E402
 from deer_diffrax._ravel import real_ravel  # noqa: E402
-from deer_diffrax._solver import (  # noqa: E402
-    _euler_residual,
-    _trajectory_residual,
-)
+from deer_diffrax._window import euler_residual, trajectory_residual  # noqa: E402
 
 
 STEP_SIZE = 0.01
@@ -214,8 +211,8 @@ def profile(
     if not pieces_only:
         add("sequential diffeqsolve (whole solve)", sequential_solve, y0, params)
     inputs = (term, y0, ts, params)
-    library_residual = lambda y: _trajectory_residual(default, unravel, y, inputs)
-    euler_residual = lambda y: _euler_residual(unravel, y, inputs)
+    library_residual = lambda y: trajectory_residual(default, unravel, y, inputs)
+    surrogate_residual = lambda y: euler_residual(unravel, y, inputs)
 
     def linearised_blocks(fn, mode, y):
         res, linear_fn = jax.linearize(fn, y)
@@ -244,7 +241,7 @@ def profile(
     )
     add(
         "diagonal blocks (library: Euler step, linearise='vector_field')",
-        ft.partial(linearised_blocks, euler_residual, DiagonalJacobian()),
+        ft.partial(linearised_blocks, surrogate_residual, DiagonalJacobian()),
         trajectory,
     )
     add(

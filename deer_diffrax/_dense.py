@@ -44,12 +44,13 @@ def _dense_interpolation(sol) -> diffrax.DenseInterpolation:
     return interpolation
 
 
-def _substep_index(substep_time, num_substeps: int, t, left: bool):
+def _substep_index(substep_time, num_active, num_substeps: int, t, left: bool):
     """The substep of each point `t` inside its window, as `DeerInterpolation` picks
-    it: `clip(searchsorted(window_ts, t, side) - 1, 0, num_substeps - 1)`.
+    it: `clip(searchsorted(window_ts, t, side) - 1, 0, num_active - 1)`.
 
     `substep_time(k)` gathers the `k`-th substep time of each point's window (one
-    scalar per point), so no window's row of times is ever materialised.
+    scalar per point), so no window's row of times is ever materialised;
+    `num_active` is each point's window's number of active substeps.
     """
     # `left`: at a substep boundary, the substep that ends there. A substep time
     # "lies before" `t` when searchsorted with that side would count it.
@@ -57,13 +58,14 @@ def _substep_index(substep_time, num_substeps: int, t, left: bool):
         before = lambda u: u < t
     else:
         before = lambda u: u <= t
-    last = num_substeps - 1
+    last = num_active - 1
 
-    # The substeps are equal (`_substep_times`), so the index follows from the
-    # window's ends; rounding can put it one off, which the neighbours correct.
+    # The active substeps all have the first one's length but the last (see
+    # `substep_grid`), so the index follows from it; rounding can put it one off,
+    # which the neighbours correct.
     start = substep_time(0)
-    end = substep_time(num_substeps)
-    fraction = (t - start) / (end - start) * num_substeps
+    size = substep_time(1) - start
+    fraction = (t - start) / size
     # Non-finite for out-of-bounds (NaN) times: any in-range guess will do there.
     fraction = jnp.where(jnp.isfinite(fraction), fraction, 0)
     guess = jnp.clip(jnp.floor(fraction), 0, last).astype(jnp.int32)
@@ -93,7 +95,7 @@ def _substep_index(substep_time, num_substeps: int, t, left: bool):
         high = jnp.full_like(index, num_substeps + 1)
         num_iterations = int(num_substeps + 1).bit_length() + 1
         count, _ = lax.fori_loop(0, num_iterations, body, (low, high))
-        return jnp.clip(count - 1, 0, last)
+        return jnp.clip(count - 1, 0, last).astype(index.dtype)
 
     return lax.cond(eqxi.unvmap_any(jnp.invert(correct)), bisect, lambda: index)
 
@@ -120,7 +122,8 @@ def _evaluate(interpolation: diffrax.DenseInterpolation, ts: Array, left: bool):
     window_ts = interpolation.infos["ts"]
     num_substeps = window_ts.shape[-1] - 1
     substep_time = lambda k: window_ts[window, k]
-    index = _substep_index(substep_time, num_substeps, t_bounded, left)
+    num_active = interpolation.infos["num_active"][window].astype(jnp.int32)
+    index = _substep_index(substep_time, num_active, num_substeps, t_bounded, left)
 
     # Only the chosen substep's dense information is gathered: O(1) per point.
     infos = jtu.tree_map(lambda x: x[window, index], interpolation.infos["infos"])
@@ -152,8 +155,9 @@ def evaluate(sol: diffrax.Solution, ts: ArrayLike, left: bool = True) -> PyTree[
     `sol.evaluate` takes the whole window's dense information (`num_substeps`
     substeps) for each time before it picks the substep, so under `jax.vmap` its
     memory grows as `len(ts) * num_substeps`. Here the substep is computed from the
-    window's ends (its substeps are equal) and only that substep's information is
-    read: memory grows linearly with `len(ts)`, on top of the solution itself.
+    window's first substep (its active substeps have that length, but the last) and
+    only that substep's information is read: memory grows linearly with `len(ts)`,
+    on top of the solution itself.
 
     **Arguments:**
 

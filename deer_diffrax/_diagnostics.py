@@ -14,6 +14,8 @@ class DeerDiagnostics(eqx.Module):
     **Arguments:** (built by [`deer_diffrax.diagnostics`][])
 
     - `num_windows`: accepted windows.
+    - `total_substeps`: base-method substeps taken over the accepted windows (their
+        active substeps): the steps a sequential solve on the same grid would take.
     - `total_newton_steps`, `mean_newton_steps`, `max_newton_steps`: Newton
         iterations summed, averaged and maximised over windows.
     - `newton_steps_histogram`: `{iterations: number of windows}`, non-zero entries.
@@ -25,6 +27,7 @@ class DeerDiagnostics(eqx.Module):
     """
 
     num_windows: int
+    total_substeps: int
     total_newton_steps: int
     mean_newton_steps: float
     max_newton_steps: int
@@ -39,7 +42,8 @@ class DeerDiagnostics(eqx.Module):
             f"{k}: {v}" for k, v in sorted(self.newton_steps_histogram.items())
         )
         return (
-            f"DeerSolver: {self.num_windows} windows, Newton iterations per window "
+            f"DeerSolver: {self.num_windows} windows ({self.total_substeps} "
+            "substeps), Newton iterations per window "
             f"mean {self.mean_newton_steps:.2f} / max {self.max_newton_steps} "
             f"(iterations: windows = {{{histogram}}}); last error estimate "
             f"{self.last_error_estimate:.2e} of tolerance; {self.damping_rejections} "
@@ -81,6 +85,7 @@ def diagnostics(solution_or_state: "diffrax.Solution | DeerState") -> DeerDiagno
     histogram = np.asarray(state.newton_steps_histogram)
     return DeerDiagnostics(
         num_windows=windows,
+        total_substeps=int(state.total_substeps),
         total_newton_steps=total,
         mean_newton_steps=total / max(windows, 1),
         max_newton_steps=int(state.max_newton_steps),

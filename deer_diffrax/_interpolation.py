@@ -21,7 +21,10 @@ class DeerInterpolation(diffrax.AbstractLocalInterpolation):
     **Arguments:**
 
     - `t0`, `t1`: the window's start and end.
-    - `ts`: the substep times, `num_substeps + 1` of them.
+    - `ts`: the substep times, `num_substeps + 1` of them (the inactive substeps at
+        the end have zero length).
+    - `num_active`: the substeps that advance time (a whole number, stored in the
+        times' dtype).
     - `infos`: the base solver's dense information of every substep, stacked along
         a leading axis.
     - `base_interpolation_cls`: the base solver's local interpolation class.
@@ -30,6 +33,7 @@ class DeerInterpolation(diffrax.AbstractLocalInterpolation):
     t0: RealScalarLike
     t1: RealScalarLike
     ts: Real[Array, " substeps_plus_1"]
+    num_active: Real[Array, ""]
     infos: PyTree[Array]
     base_interpolation_cls: type[diffrax.AbstractLocalInterpolation] = eqx.field(
         static=True
@@ -44,11 +48,11 @@ class DeerInterpolation(diffrax.AbstractLocalInterpolation):
                 self.evaluate(t1, left=left),
                 self.evaluate(t0, left=left),
             )
-        num_substeps = self.ts.shape[0] - 1
-        # `left`: at a substep boundary, take the substep that ends there.
+        # `left`: at a substep boundary, take the substep that ends there. Never an
+        # inactive (zero-length) substep.
         side = "left" if left else "right"
         index = jnp.searchsorted(self.ts, t0, side=side) - 1
-        index = jnp.clip(index, 0, num_substeps - 1)
+        index = jnp.clip(index, 0, self.num_active.astype(index.dtype) - 1)
         info = jtu.tree_map(lambda x: x[index], self.infos)
         local = self.base_interpolation_cls(
             t0=self.ts[index], t1=self.ts[index + 1], **info
@@ -70,11 +74,12 @@ class DeerInterpolationFactory(eqx.Module):
         static=True
     )
 
-    def __call__(self, *, t0, t1, ts, infos) -> DeerInterpolation:
+    def __call__(self, *, t0, t1, ts, num_active, infos) -> DeerInterpolation:
         return DeerInterpolation(
             t0=t0,
             t1=t1,
             ts=ts,
+            num_active=num_active,
             infos=infos,
             base_interpolation_cls=self.base_interpolation_cls,
         )

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
-from jaxtyping import Array, Float, Int, PyTree
+from jaxtyping import Array, Float, Int, PyTree, Real
 
 from ._guess import (
     AbstractInitialGuess,
@@ -22,10 +22,19 @@ from ._guess import (
 from ._interpolation import DeerInterpolationFactory
 from ._jacobian import AbstractJacobianMode, DiagonalJacobian, jacobian_mode
 from ._newton import DeerNewton, solve_trajectory
-from ._one_step import euler_step, one_step_map
+from ._one_step import one_step_map
 from ._operator import shift_in
 from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
+from ._window import (
+    euler_residual,
+    substep,
+    substep_grid,
+    SubstepGrid,
+    trajectory_residual,
+    transition,
+    worst_substep_error,
+)
 
 
 _SUPPORTED_NAMES = (
@@ -56,6 +65,12 @@ class DeerState(eqx.Module):
         update), scaled by the tolerance; `<= 1` means converged.
     - `total_rejected`: trial iterates rejected by damping, over all windows.
     - `num_fallbacks`: windows finished by the sequential fallback.
+    - `total_substeps`: base-method substeps taken (active substeps, over all
+        accepted windows): the number of steps a sequential solve on the same grid
+        would take.
+    - `substep_size`: the substep length the next window keeps if it is shorter
+        than its capacity: that of the last window, if it used its whole capacity;
+        NaN otherwise (the next window is divided evenly).
     - `previous`: the last window's trajectory and initial state, kept only for
         `initial_guess="previous"` (else `None`).
     """
@@ -69,6 +84,8 @@ class DeerState(eqx.Module):
     last_error_estimate: Float[Array, ""]
     total_rejected: Int[Array, ""]
     num_fallbacks: Int[Array, ""]
+    total_substeps: Int[Array, ""]
+    substep_size: Real[Array, ""]
     previous: tuple[Array, Array] | None
 
 
@@ -131,83 +148,16 @@ def _with_bounded_stages(base_solver):
     return base_solver
 
 
-def _substep(base_solver, terms, args, unravel, y_prev, t_start, t_end):
-    """One base-solver step `Phi_i(y_prev)` on the flat real state."""
-    # A diverging Newton iterate must not reach the base solver: an implicit one
-    # would hand NaNs to its own linear solver, which raises. Step from zero instead
-    # and mark the result non-finite, which Newton's damping or failure check sees.
-    finite = jnp.all(jnp.isfinite(y_prev))
-    y = unravel(jnp.where(finite, y_prev, 0))
-    written_out = one_step_map(base_solver, with_outputs=True)
-    if written_out is not None and not terms.is_vf_expensive(t_start, t_end, y, args):
-        # The same outputs as the base solver's `step`, without its stage loop.
-        y_next, y_error, dense_info = written_out(terms, t_start, t_end, y, args)
-        result = diffrax.RESULTS.successful
-    else:
-        base_state = base_solver.init(terms, t_start, t_end, y, args)
-        # made_jump=True: FSAL methods recompute their first stage, so each substep
-        # is a function of its own starting point only.
-        y_next, y_error, dense_info, _, result = base_solver.step(
-            terms, t_start, t_end, y, args, base_state, made_jump=True
-        )
-    y_next = jnp.where(finite, real_ravel(y_next)[0], jnp.nan)
-    return y_next, y_error, dense_info, result
-
-
-def _flat_step(step, terms, args, unravel, y_prev, t_start, t_end):
-    """A step `(terms, t0, t1, y0, args) -> y1` on the flat real state."""
-    return real_ravel(step(terms, t_start, t_end, unravel(y_prev), args))[0]
-
-
-def _transition(base_solver, terms, args, unravel, y_prev, t_start, t_end):
-    """`Phi_i(y_prev)` alone: what Newton, the predictor and the fallback need."""
-    step = one_step_map(base_solver)
-    if step is None:
-        return _substep(base_solver, terms, args, unravel, y_prev, t_start, t_end)[0]
-    return _flat_step(step, terms, args, unravel, y_prev, t_start, t_end)
-
-
-def _window_residual(step, trajectory, y_start, ts):
-    previous = shift_in(y_start, trajectory)
-    return trajectory - jax.vmap(step)(previous, ts[:-1], ts[1:])
-
-
-def _trajectory_residual(base_solver, unravel, trajectory, inputs):
-    terms, y_start, ts, args = inputs
-    step = ft.partial(_transition, base_solver, terms, args, unravel)
-    return _window_residual(step, trajectory, y_start, ts)
-
-
-def _euler_residual(unravel, trajectory, inputs):
-    # The surrogate of `linearise="vector_field"`: its Jacobian blocks are
-    # `I + dt df/dy` at the start of each substep (for SDEs, plus the diffusion's
-    # derivative times the Brownian increment), which agree with the base method's
-    # blocks to first order in the substep.
-    terms, y_start, ts, args = inputs
-    step = ft.partial(_flat_step, euler_step, terms, args, unravel)
-    return _window_residual(step, trajectory, y_start, ts)
-
-
-def _worst_substep_error(errors: PyTree[Array]) -> PyTree[Array]:
-    # Per entry, the error of the substep where it is largest in magnitude: the window
-    # is accepted when every substep meets the tolerance a sequential solve would
-    # have applied to it.
-    def worst(e):
-        index = jnp.argmax(jnp.abs(e), axis=0)
-        return jnp.take_along_axis(e, index[None], axis=0)[0]
-
-    return jtu.tree_map(worst, errors)
-
-
-def _substep_times(t0, t1, num_substeps: int) -> Array:
-    t0 = jnp.asarray(t0)
-    t1 = jnp.asarray(t1)
-    fractions = jnp.arange(num_substeps + 1, dtype=t0.dtype) / jnp.asarray(
-        num_substeps, dtype=t0.dtype
-    )
-    ts = t0 + (t1 - t0) * fractions
-    # Hit the window's end exactly, so consecutive windows share their boundary.
-    return ts.at[-1].set(t1)
+def _next_substep_size(grid: SubstepGrid, dtype) -> Real[Array, ""]:
+    # Only a window that used its whole capacity sets the substep length that a
+    # shorter one after it keeps (the end of the solve, a jump or `dtmax`, a short
+    # `StepTo` interval, a retry after rejection). After a shorter window, the next
+    # is divided evenly again: an adaptive controller that keeps proposing windows
+    # shorter than the capacity then sees its error fall as the window shrinks, as
+    # it expects, instead of stalling at a fixed substep length.
+    full = grid.num_active == grid.ts.shape[0] - 1
+    size = grid.ts[1] - grid.ts[0]
+    return jnp.where(full, size, jnp.nan).astype(dtype)
 
 
 def default_tolerance(dtype) -> float:
@@ -236,7 +186,14 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     `diffeqsolve(..., solver=base_solver)` on the same grid to the Newton tolerance.
 
     - `dt0 = t1 - t0` with `ConstantStepSize` puts everything in one window; smaller
-        `dt0` gives sequential windows, each parallel inside (bounded memory).
+        `dt0` gives sequential windows, each parallel inside (bounded memory). The
+        substep is `dt0 / num_substeps`: the same grid as the base solver with that
+        `dt0`, when `dt0` divides `t1 - t0`.
+    - `num_substeps` is a window's capacity. A window shorter than the one before it
+        (the last one at `t1`, one clipped by `jump_ts` or `dtmax`, a short `StepTo`
+        interval) keeps the previous window's substep length, the last substep
+        clipped at its end as a sequential solve clips its last step, and leaves the
+        rest of its capacity inactive (zero-length substeps, which change nothing).
     - With `PIDController` the window length adapts: the window's error estimate is,
         per state entry, the largest embedded error estimate of its substeps, and a
         window whose Newton solve fails reports an infinite error so it is rejected
@@ -381,7 +338,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         return self.base_solver.error_order(terms)
 
     def init(self, terms, t0, t1, y0, args) -> DeerState:
-        del t0, t1, args
+        del args
         _check_terms(terms, self.base_solver)
         zero = jnp.array(0, dtype=jnp.int32)
         if self.initial_guess.needs_previous:
@@ -401,6 +358,8 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             last_error_estimate=jnp.array(0.0),
             total_rejected=zero,
             num_fallbacks=zero,
+            total_substeps=zero,
+            substep_size=jnp.array(jnp.nan, dtype=jnp.result_type(t0, t1)),
             previous=previous,
         )
 
@@ -422,11 +381,12 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             jnp.invert(jnp.all(jnp.isfinite(y_start))),
             "DeerSolver: the initial state y0 contains NaN or inf; pass a finite y0.",
         )
-        ts = _substep_times(t0, t1, self.num_substeps)
+        grid = substep_grid(t0, t1, self.num_substeps, solver_state.substep_size)
+        ts = grid.ts
         args = _nan_floats_as_arrays(args)
         base_solver = _with_bounded_stages(self.base_solver)
-        substep = ft.partial(_substep, base_solver, terms, args, unravel)
-        substep_state = ft.partial(_transition, base_solver, terms, args, unravel)
+        substep_outputs = ft.partial(substep, base_solver, terms, args, unravel)
+        substep_state = ft.partial(transition, base_solver, terms, args, unravel)
 
         default = default_tolerance(y_start.dtype)
         newton = DeerNewton(
@@ -436,7 +396,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             damping=self.damping,
             linear_solver=self.linear_solver,
             jacobian_fn=(
-                ft.partial(_euler_residual, unravel)
+                ft.partial(euler_residual, unravel)
                 if self.linearise == "vector_field"
                 else None
             ),
@@ -450,7 +410,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             lambda y: real_ravel(y)[0],
         )
         solution = solve_trajectory(
-            ft.partial(_trajectory_residual, base_solver, unravel),
+            ft.partial(trajectory_residual, base_solver, unravel),
             newton,
             guess,
             (terms, y_start, ts, args),
@@ -476,7 +436,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         # error estimates and the dense output are those of the base method applied
         # to it, exactly as a sequential solve would produce them.
         previous = shift_in(y_start, trajectory)
-        mapped, errors, dense_infos, base_results = jax.vmap(substep)(
+        mapped, errors, dense_infos, base_results = jax.vmap(substep_outputs)(
             previous, ts[:-1], ts[1:]
         )
 
@@ -509,7 +469,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             y_error = None
         else:
             y_error = jtu.tree_map(
-                lambda e: jnp.where(ok, e, jnp.inf), _worst_substep_error(errors)
+                lambda e: jnp.where(ok, e, jnp.inf), worst_substep_error(errors)
             )
 
         scale = newton.atol + newton.rtol * jnp.abs(mapped)
@@ -530,9 +490,14 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             ),
             total_rejected=solver_state.total_rejected + rejected,
             num_fallbacks=solver_state.num_fallbacks + num_fallbacks,
+            total_substeps=solver_state.total_substeps + grid.num_active,
+            substep_size=_next_substep_size(grid, solver_state.substep_size.dtype),
             previous=None if solver_state.previous is None else (trajectory, y_start),
         )
-        dense_info = dict(ts=ts, infos=dense_infos)
+        # The count travels as a time (Diffrax pads dense information with inf,
+        # which an integer cannot hold).
+        num_active = grid.num_active.astype(ts.dtype)
+        dense_info = dict(ts=ts, num_active=num_active, infos=dense_infos)
         return y1, y_error, dense_info, new_state, result
 
     def func(self, terms, t0, y0, args):

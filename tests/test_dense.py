@@ -12,7 +12,7 @@ from helpers import max_relative_difference
 import deer_diffrax
 from deer_diffrax import DeerSolver
 from deer_diffrax._dense import _substep_index
-from deer_diffrax._solver import _substep_times
+from deer_diffrax._window import substep_grid
 
 
 T0, T1, DT0, NUM_SUBSTEPS = 0.0, 10.0, 2.5, 50
@@ -236,11 +236,16 @@ def test_substep_index_on_degenerate_grids():
     uneven = np.sort(rng.uniform(0.0, 1.0, 301) ** 3)
     uneven[[0, -1]] = 0.0, 1.0
     uneven[100:110] = uneven[100]  # a run of ties
+    fine = substep_grid(jnp.float32(1000.0), jnp.float32(1001.0), 100_000, jnp.nan)
+    # A window shorter than its capacity: 13 active substeps of 0.1, the rest empty.
+    clipped = substep_grid(jnp.float64(2.0), jnp.float64(3.25), 20, 0.1)
+    assert int(clipped.num_active) == 13
     rows = [
-        jnp.asarray(uneven),
-        _substep_times(jnp.float32(1000.0), jnp.float32(1001.0), 100_000),
+        (jnp.asarray(uneven), uneven.shape[0] - 1),
+        (fine.ts, int(fine.num_active)),
+        (clipped.ts, int(clipped.num_active)),
     ]
-    for row in rows:
+    for row, num_active in rows:
         num_substeps = row.shape[0] - 1
         points = np.concatenate(
             [np.asarray(row), rng.uniform(float(row[0]), float(row[-1]), 2000)]
@@ -248,16 +253,16 @@ def test_substep_index_on_degenerate_grids():
         ts = jnp.asarray(points, dtype=row.dtype)
 
         @jax.jit
-        def both_sides(ts, row=row, num_substeps=num_substeps):
+        def both_sides(ts, row=row, num_substeps=num_substeps, num_active=num_active):
             substep_time = lambda k: row[k]
             return [
-                _substep_index(substep_time, num_substeps, ts, left)
+                _substep_index(substep_time, num_active, num_substeps, ts, left)
                 for left in (True, False)
             ]
 
         for left, got in zip((True, False), both_sides(ts), strict=True):
             expected = jnp.searchsorted(row, ts, side="left" if left else "right")
-            expected = jnp.clip(expected - 1, 0, num_substeps - 1)
+            expected = jnp.clip(expected - 1, 0, num_active - 1)
             assert np.array_equal(np.asarray(got), np.asarray(expected))
 
 

@@ -1,0 +1,127 @@
+"""One window of `DeerSolver`: its substep grid, the base method's one-step maps on
+the flat state, the window's residual, and its error estimate."""
+
+import functools as ft
+
+import diffrax
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from jaxtyping import Array, Int, PyTree, Real
+
+from ._one_step import euler_step, one_step_map
+from ._operator import shift_in
+from ._ravel import real_ravel
+
+
+class SubstepGrid(eqx.Module):
+    """The substep times of one window.
+
+    - `ts`: `num_substeps + 1` times from the window's start to its end. The first
+        `num_active + 1` increase; the rest equal the window's end, so the inactive
+        substeps have zero length (the identity map for every base method).
+    - `num_active`: the substeps that advance time.
+    """
+
+    ts: Real[Array, " substeps_plus_1"]
+    num_active: Int[Array, ""]
+
+
+def substep_grid(t0, t1, num_substeps: int, substep_size) -> SubstepGrid:
+    """The substeps of the window `[t0, t1]`, `num_substeps` of capacity.
+
+    With a finite `substep_size` `h` and a window shorter than `num_substeps * h`,
+    the window takes `ceil((t1 - t0) / h)` substeps of length `h`, the last one
+    clipped at `t1`, exactly as a sequential solve with step `h` clipped at `t1`
+    would, and leaves the rest of its capacity inactive. Otherwise (`h` NaN, or a
+    window at least that long) the window is divided into `num_substeps` equal
+    substeps.
+    """
+    t0 = jnp.asarray(t0)
+    t1 = jnp.asarray(t1)
+    dtype = jnp.result_type(t0, t1)
+    t0 = t0.astype(dtype)
+    t1 = t1.astype(dtype)
+    k = jnp.arange(num_substeps + 1, dtype=dtype)
+    length = t1 - t0
+    even = t0 + length * (k / jnp.asarray(num_substeps, dtype))
+    h = jnp.asarray(substep_size).astype(dtype)
+    # A window a rounding error longer than a whole number of substeps takes that
+    # number, not one more of length ~eps.
+    needed = jnp.ceil(length / h * (1 - 64 * jnp.finfo(dtype).eps))
+    partial = needed < num_substeps  # False for a NaN `h`
+    num_active = jnp.where(partial, jnp.clip(needed, 1, num_substeps), num_substeps)
+    clipped = jnp.where(k < num_active, t0 + k * h, t1)
+    num_active = num_active.astype(jnp.int32)
+    ts = jnp.where(partial, clipped, even)
+    # Hit the window's end exactly, so consecutive windows share their boundary.
+    return SubstepGrid(ts=ts.at[-1].set(t1), num_active=num_active)
+
+
+def substep(base_solver, terms, args, unravel, y_prev, t_start, t_end):
+    """One base-solver step `Phi_i(y_prev)` on the flat real state."""
+    # A diverging Newton iterate must not reach the base solver: an implicit one
+    # would hand NaNs to its own linear solver, which raises. Step from zero instead
+    # and mark the result non-finite, which Newton's damping or failure check sees.
+    finite = jnp.all(jnp.isfinite(y_prev))
+    y = unravel(jnp.where(finite, y_prev, 0))
+    written_out = one_step_map(base_solver, with_outputs=True)
+    if written_out is not None and not terms.is_vf_expensive(t_start, t_end, y, args):
+        # The same outputs as the base solver's `step`, without its stage loop.
+        y_next, y_error, dense_info = written_out(terms, t_start, t_end, y, args)
+        result = diffrax.RESULTS.successful
+    else:
+        base_state = base_solver.init(terms, t_start, t_end, y, args)
+        # made_jump=True: FSAL methods recompute their first stage, so each substep
+        # is a function of its own starting point only.
+        y_next, y_error, dense_info, _, result = base_solver.step(
+            terms, t_start, t_end, y, args, base_state, made_jump=True
+        )
+    y_next = jnp.where(finite, real_ravel(y_next)[0], jnp.nan)
+    return y_next, y_error, dense_info, result
+
+
+def flat_step(step, terms, args, unravel, y_prev, t_start, t_end):
+    """A step `(terms, t0, t1, y0, args) -> y1` on the flat real state."""
+    return real_ravel(step(terms, t_start, t_end, unravel(y_prev), args))[0]
+
+
+def transition(base_solver, terms, args, unravel, y_prev, t_start, t_end):
+    """`Phi_i(y_prev)` alone: what Newton, the predictor and the fallback need."""
+    step = one_step_map(base_solver)
+    if step is None:
+        return substep(base_solver, terms, args, unravel, y_prev, t_start, t_end)[0]
+    return flat_step(step, terms, args, unravel, y_prev, t_start, t_end)
+
+
+def window_residual(step, trajectory, y_start, ts):
+    previous = shift_in(y_start, trajectory)
+    return trajectory - jax.vmap(step)(previous, ts[:-1], ts[1:])
+
+
+def trajectory_residual(base_solver, unravel, trajectory, inputs):
+    terms, y_start, ts, args = inputs
+    step = ft.partial(transition, base_solver, terms, args, unravel)
+    return window_residual(step, trajectory, y_start, ts)
+
+
+def euler_residual(unravel, trajectory, inputs):
+    # The surrogate of `linearise="vector_field"`: its Jacobian blocks are
+    # `I + dt df/dy` at the start of each substep (for SDEs, plus the diffusion's
+    # derivative times the Brownian increment), which agree with the base method's
+    # blocks to first order in the substep.
+    terms, y_start, ts, args = inputs
+    step = ft.partial(flat_step, euler_step, terms, args, unravel)
+    return window_residual(step, trajectory, y_start, ts)
+
+
+def worst_substep_error(errors: PyTree[Array]) -> PyTree[Array]:
+    # Per entry, the error of the substep where it is largest in magnitude: the window
+    # is accepted when every substep meets the tolerance a sequential solve would
+    # have applied to it.
+    def worst(e):
+        index = jnp.argmax(jnp.abs(e), axis=0)
+        return jnp.take_along_axis(e, index[None], axis=0)[0]
+
+    return jtu.tree_map(worst, errors)
