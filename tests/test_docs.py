@@ -1,6 +1,8 @@
 """The documentation: the site builds, the public API is documented, and the code on
 the pages runs."""
 
+import html
+import html.parser
 import os
 import pathlib
 import re
@@ -9,6 +11,7 @@ import sys
 
 import griffe
 import pytest
+import yaml
 
 import deer_diffrax
 
@@ -25,20 +28,108 @@ def _python_blocks(path: pathlib.Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", path.read_text(), re.S | re.M)
 
 
-def test_site_builds_strictly(tmp_path):
-    # --strict: a broken link, a missing heading anchor or an unresolved
-    # [`deer_diffrax.X`][] cross-reference in a docstring fails the build.
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> pathlib.Path:
+    # Built once for the tests below. --strict: a broken link, a missing heading
+    # anchor or an unresolved [`deer_diffrax.X`][] cross-reference in a docstring
+    # fails the build.
+    site_dir = tmp_path_factory.mktemp("docs") / "site"
     env = dict(os.environ, NO_MKDOCS_2_WARNING="1")
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict"]
-        + ["--site-dir", str(tmp_path / "site")],
+        + ["--site-dir", str(site_dir)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert (tmp_path / "site" / "api" / "solver" / "index.html").exists()
+    return site_dir
+
+
+def test_site_builds_strictly(site):
+    assert (site / "api" / "solver" / "index.html").exists()
+
+
+# Attributes through which a page makes the browser fetch something (links to
+# other sites, <a href>, are fine: they are only followed when clicked).
+_FETCHING = {
+    "script": ("src",),
+    "link": ("href",),
+    "img": ("src", "srcset"),
+    "source": ("src", "srcset"),
+    "iframe": ("src",),
+    "embed": ("src",),
+    "object": ("data",),
+    "video": ("src", "poster"),
+    "audio": ("src",),
+}
+_LINK_NOT_FETCHED = {"canonical", "alternate", "author", "license", "help"}
+_EXTERNAL = re.compile(r"^\s*(?:https?:)?//", re.I)
+_CSS_EXTERNAL = re.compile(
+    r"""(?:url\(\s*['"]?|@import\s+['"])\s*((?:https?:)?//[^'")\s]*)""", re.I
+)
+
+
+class _ExternalResources(html.parser.HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        rel = set((attrs.get("rel") or "").lower().split())
+        if tag == "link" and rel and rel <= _LINK_NOT_FETCHED:
+            return
+        for name in _FETCHING.get(tag, ()):
+            for url in re.split(r",\s*", attrs.get(name) or ""):
+                if _EXTERNAL.match(url):
+                    self.found.append(f"<{tag} {name}={url.strip()!r}>")
+        self.found += _CSS_EXTERNAL.findall(attrs.get("style") or "")
+
+    def handle_data(self, data):
+        # Inline <style> blocks (and, harmlessly, text that looks like CSS).
+        self.found += _CSS_EXTERNAL.findall(data)
+
+
+def test_site_loads_nothing_from_the_network(site):
+    # Offline, the pages must look the same: MathJax, fonts, scripts and
+    # stylesheets are all served from the site (see mkdocs.yml).
+    found = {}
+    for page in site.rglob("*.html"):
+        parser = _ExternalResources()
+        parser.feed(page.read_text(encoding="utf-8"))
+        if parser.found:
+            found[str(page.relative_to(site))] = sorted(set(parser.found))
+    for sheet in site.rglob("*.css"):
+        urls = _CSS_EXTERNAL.findall(sheet.read_text(encoding="utf-8"))
+        if urls:
+            found[str(sheet.relative_to(site))] = sorted(set(urls))
+    assert not found, found
+    # The check above does see MathJax where it is loaded.
+    solver_page = (site / "api" / "solver" / "index.html").read_text()
+    assert "_static/mathjax/tex-svg-full.js" in solver_page
+
+
+def test_site_wraps_signatures(site):
+    # mkdocstrings formats separate signatures with ruff or black (docs extras) at
+    # the configured line_length; without either it silently leaves them on one line.
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    (mkdocstrings,) = [
+        plugin["mkdocstrings"]
+        for plugin in config["plugins"]
+        if isinstance(plugin, dict) and "mkdocstrings" in plugin
+    ]
+    options = mkdocstrings["handlers"]["python"]["options"]
+    line_length = options.get("line_length", 60)  # mkdocstrings' default
+    page = (site / "api" / "solver" / "index.html").read_text()
+    block = re.search(r'<div class="doc-signature[^"]*"[^>]*>(.*?)</div>', page, re.S)
+    assert block, "No separate signature on the DeerSolver page."
+    signature = html.unescape(re.sub(r"<[^>]+>", "", block.group(1))).strip()
+    assert signature.startswith("DeerSolver("), signature
+    lines = signature.splitlines()
+    assert len(lines) > 3, signature
+    assert max(map(len, lines)) <= line_length, signature
 
 
 @pytest.fixture(scope="module")
