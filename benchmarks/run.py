@@ -902,21 +902,26 @@ def plot_main(rows: list[Row], out: Path, args, title: str | None = None) -> Non
 
 def gru_solvers(static, h0, deer_scan) -> tuple[Callable, Callable]:
     """`(params, xs) -> (states, stats)` by `lax.scan` and by `deer_diffrax.scan`
-    (`mode=` selects the Jacobian) for the GRU whose non-array part is `static`."""
+    (`mode=` selects the Jacobian) for the GRU whose non-array part is `static`.
+    Both run the same step, which outputs every state."""
 
-    def sequential(params, xs):
+    def collect_states(params):
         gru = eqx.combine(params, static)
 
         def step(h, x):
             h = gru(x, h)
             return h, h
 
-        return jax.lax.scan(step, h0, xs)[1], jnp.asarray(0)
+        return step
+
+    def sequential(params, xs):
+        return jax.lax.scan(collect_states(params), h0, xs)[1], jnp.asarray(0)
 
     def parallel(params, xs, mode):
-        gru = eqx.combine(params, static)
-        states, stats = deer_scan(
-            lambda h, x: gru(x, h),
+        # `deer_diffrax.scan` has `jax.lax.scan`'s signature: the states are its
+        # outputs `ys`, computed in one parallel pass after Newton has converged.
+        (_, states), stats = deer_scan(
+            collect_states(params),
             h0,
             xs,
             jacobian=mode,

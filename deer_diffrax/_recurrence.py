@@ -1,14 +1,17 @@
 """`deer_diffrax.scan`: a parallel-in-time replacement for `jax.lax.scan` over a
-nonlinear recurrence `h_t = cell(h_{t-1}, x_t)` (an RNN), solved by DEER's Newton
+nonlinear recurrence `(h_t, y_t) = f(h_{t-1}, x_t)` (an RNN), solved by DEER's Newton
 iteration.
 
-The states `H = (h_1, ..., h_T)` are the root of `F(H)_t = h_t - cell(h_{t-1}, x_t)`,
+The carries `H = (h_1, ..., h_T)` are the root of `F(H)_t = h_t - f(h_{t-1}, x_t)[0]`,
 the same unit lower block-bidiagonal residual that [`deer_diffrax.DeerSolver`][]
 solves for a window of Runge--Kutta substeps; only the one-step map differs. So the
 Newton root finder, the Jacobian modes, the associative-scan linear solver and the
-implicit-function-theorem gradients are all shared with the ODE solver.
+implicit-function-theorem gradients are all shared with the ODE solver. The outputs
+`y_t` take no part in the root finding: once the carries are known, they are one
+parallel evaluation of `f` away.
 """
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -29,16 +32,17 @@ from ._solver import default_tolerance
 
 
 class ScanStats(eqx.Module):
-    """Diagnostics of one [`deer_diffrax.scan`][] (batched like the states under
+    """Diagnostics of one [`deer_diffrax.scan`][] (batched like the carries under
     `jax.vmap`).
 
     - `num_newton_steps`: Newton iterations taken. Each one is a parallel evaluation
-        of the cell and its Jacobian at every time step plus one associative scan.
+        of `f` (its carry output) and its Jacobian at every time step plus one
+        associative scan.
     - `num_rejected`: trial iterates rejected by damping (`0` when Newton behaved).
-    - `residual_norm`: the scaled max-norm of the residual at the returned states,
-        `max_t |h_t - cell(h_{t-1}, x_t)| / (atol + rtol |h_t|)`; `<= 1` means every
+    - `residual_norm`: the scaled max-norm of the residual at the returned carries,
+        `max_t |h_t - f(h_{t-1}, x_t)[0]| / (atol + rtol |h_t|)`; `<= 1` means every
         step satisfies the recurrence to the Newton tolerance.
-    - `error_estimate`: Newton's estimate of the error of the returned states
+    - `error_estimate`: Newton's estimate of the error of the returned carries
         against the sequential recurrence (the size of the last exact Newton
         update), scaled by `atol + rtol |h_t|`; `<= 1` means converged.
     - `result`: an `optimistix.RESULTS` code: `successful`,
@@ -59,18 +63,21 @@ ScanStats.__init__.__doc__ = """**Arguments:** the fields above (built by
 
 
 class _FlatCell(eqx.Module):
-    """The cell acting on flat real state vectors, so that Newton sees `(T, n)`
-    trajectories whatever the pytree structure (or complex dtype) of the carry."""
+    """The carry half of `f` acting on flat real carry vectors, so that Newton sees
+    `(T, n)` trajectories whatever the pytree structure (or complex dtype) of the
+    carry. `f` is closure-converted: what it closes over are leaves of this module,
+    which the implicit adjoint differentiates. The outputs `y` are dropped here, so
+    that XLA removes their computation from the Newton iterations as dead code."""
 
-    cell: Callable
+    f: Callable
     unravel: Callable = eqx.field(static=True)
 
     def __call__(self, h: Array, x: PyTree) -> Array:
-        return real_ravel(self.cell(self.unravel(h), x))[0]
+        return real_ravel(self.f(self.unravel(h), x)[0])[0]
 
 
 def _residual(trajectory: Array, args: tuple[_FlatCell, Array, PyTree]) -> Array:
-    """`F(H)_t = h_t - cell(h_{t-1}, x_t)`, every time step at once."""
+    """`F(H)_t = h_t - f(h_{t-1}, x_t)[0]`, every time step at once."""
     flat_cell, h0, xs = args
     previous = shift_in(h0, trajectory)
     return trajectory - jax.vmap(flat_cell)(previous, xs)
@@ -103,11 +110,17 @@ def _sequence_length(xs: PyTree, length: int | None) -> int:
             f"{_describe(xs)}."
         )
     if length is not None:
-        if not isinstance(length, int) or length < 0:
+        # `operator.index` also takes NumPy integers, as `jax.lax.scan` does.
+        try:
+            valid = operator.index(length) >= 0
+        except TypeError:
+            valid = False
+        if not valid:
             raise ValueError(
                 "deer_diffrax.scan: `length` must be a non-negative int; got "
                 f"{length!r}."
             )
+        length = operator.index(length)
         if lengths and lengths != {length}:
             raise ValueError(
                 f"deer_diffrax.scan: `length={length}` does not match the leading "
@@ -122,74 +135,103 @@ def _sequence_length(xs: PyTree, length: int | None) -> int:
     return lengths.pop()
 
 
-def _check_carry(h0: PyTree) -> None:
-    leaves = jtu.tree_leaves(h0)
+def _check_carry(init: PyTree) -> None:
+    leaves = jtu.tree_leaves(init)
     if not leaves:
-        raise ValueError("deer_diffrax.scan: the initial carry `h0` has no arrays.")
+        raise ValueError("deer_diffrax.scan: the initial carry `init` has no arrays.")
     for leaf in leaves:
         if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             raise ValueError(
                 "deer_diffrax.scan: every leaf of the carry must be floating or "
-                f"complex (Newton's method differentiates the cell); got "
-                f"{_describe(h0)}."
+                "complex (Newton's method differentiates `f` with respect to it); "
+                f"got {_describe(init)}. Integer state (a step counter, say) can "
+                "usually be computed from the time index instead: pass it in `xs`."
             )
 
 
-def _check_cell_output(h0: PyTree, out_struct: PyTree) -> None:
-    if _structure(h0) != _structure(out_struct):
+def _check_unroll(unroll: Any) -> None:
+    # Accepted so that calls written for `jax.lax.scan` work unchanged, and checked
+    # as `jax.lax.scan` checks it, so that they also fail the same way.
+    try:
+        valid = isinstance(unroll, bool) or operator.index(unroll) >= 0
+    except TypeError:
+        valid = False
+    if not valid:
         raise ValueError(
-            "deer_diffrax.scan: `cell(h, x)` must return the new carry, with the same "
-            "pytree structure, shapes and dtypes as `h`. The carry is "
-            f"{_describe(h0)} but the cell returned {_describe(out_struct)}. "
-            "(Unlike `jax.lax.scan`'s `f`, the cell returns only the carry, not a "
-            "`(carry, output)` pair; compute per-step outputs afterwards with "
-            "`jax.vmap` over the states. A dtype mismatch usually means `h0` and the "
-            "cell's parameters have different precisions.)"
+            "deer_diffrax.scan: `unroll` must be a bool or a non-negative int (it is "
+            f"accepted for compatibility with `jax.lax.scan` and ignored); got "
+            f"{unroll!r}."
         )
 
 
-def _ravel_guess(initial_guess: PyTree, h0: PyTree, num_steps: int) -> Array:
+def _check_step_output(init: PyTree, out_struct: Any) -> PyTree:
+    """Checks that `f` returned `(new_carry, y)` with `new_carry` shaped like `init`,
+    and returns the structure of `y`."""
+    if not (isinstance(out_struct, (tuple, list)) and len(out_struct) == 2):
+        raise ValueError(
+            "deer_diffrax.scan: `f(carry, x)` must return a pair `(new_carry, y)`, "
+            f"as for `jax.lax.scan`; got {_describe(out_struct)}. (For a recurrence "
+            "without per-step outputs return `(new_carry, None)`; to collect the "
+            "carries return `(new_carry, new_carry)`.)"
+        )
+    carry_struct, y_struct = out_struct
+    if _structure(init) != _structure(carry_struct):
+        raise ValueError(
+            "deer_diffrax.scan: the new carry that `f(carry, x)` returns (the first "
+            "element of its pair `(new_carry, y)`) must have the same pytree "
+            "structure, shapes and dtypes as the carry. The carry `init` is "
+            f"{_describe(init)} but `f` returned the carry "
+            f"{_describe(carry_struct)}. (A dtype mismatch usually means `init` and "
+            "the parameters of `f` have different precisions.)"
+        )
+    return y_struct
+
+
+def _ravel_guess(initial_guess: PyTree, init: PyTree, num_steps: int) -> Array:
     expected = jtu.tree_map(
         lambda h: jax.ShapeDtypeStruct((num_steps,) + jnp.shape(h), jnp.result_type(h)),
-        h0,
+        init,
     )
     if _structure(initial_guess) != _structure(expected):
         raise ValueError(
-            "deer_diffrax.scan: `initial_guess` must look like the returned states "
-            f"(the carry with a leading time axis of length {num_steps}): expected "
-            f"{_describe(expected)}, got {_describe(initial_guess)}."
+            "deer_diffrax.scan: `initial_guess` must look like the stacked carries "
+            f"`h_1, ..., h_T` (the carry with a leading time axis of length "
+            f"{num_steps}): expected {_describe(expected)}, got "
+            f"{_describe(initial_guess)}."
         )
     return jax.vmap(lambda h: real_ravel(h)[0])(initial_guess)
 
 
-def _empty_scan(cell, h0, xs, return_stats):
-    """`T = 0`: no states, but the cell is still checked against the carry."""
+def _empty_scan(f, init, xs, return_stats):
+    """`T = 0`: the carry is `init` and `ys` is empty, as for `jax.lax.scan`, but `f`
+    is still checked against the carry."""
     x_struct = jtu.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), xs)
-    _check_cell_output(h0, jax.eval_shape(cell, h0, x_struct))
-    states = jtu.tree_map(lambda h: jnp.zeros((0,) + h.shape, h.dtype), h0)
+    y_struct = _check_step_output(init, jax.eval_shape(f, init, x_struct))
+    ys = jtu.tree_map(lambda y: jnp.zeros((0,) + y.shape, y.dtype), y_struct)
     if not return_stats:
-        return states
+        return init, ys
+    dtype = real_ravel(init)[0].dtype
     stats = ScanStats(
         num_newton_steps=jnp.array(0),
         num_rejected=jnp.array(0),
-        residual_norm=jnp.array(0.0, real_ravel(h0)[0].dtype),
-        error_estimate=jnp.array(0.0, real_ravel(h0)[0].dtype),
+        residual_norm=jnp.array(0.0, dtype),
+        error_estimate=jnp.array(0.0, dtype),
         result=optx.RESULTS.successful,
     )
-    return states, stats
+    return (init, ys), stats
 
 
 _MAX_STEPS_MESSAGE = (
     "deer_diffrax.scan: Newton's method did not converge within `max_newton_steps` "
     "iterations. Increase `max_newton_steps`; use `jacobian='full'` if you chose "
     "'diagonal' (quasi-Newton converges only linearly); pass an `initial_guess` "
-    "closer to the answer (e.g. the states of a previous call); or split the "
-    "sequence into shorter chunks chained through their final states. Pass "
+    "closer to the answer (e.g. the carries of a previous call); or split the "
+    "sequence into shorter chunks chained through their final carries. Pass "
     "`throw=False, return_stats=True` to get the result code instead of this error."
 )
 _DIVERGENCE_MESSAGE = (
     "deer_diffrax.scan: Newton's method diverged (a non-finite residual or update). "
-    "The cell may return NaN/inf for these inputs, or its linearisation is strongly "
+    "`f` may return NaN/inf for these inputs, or its linearisation is strongly "
     "expanding along the iterates (e.g. a trained RNN with unstable or bistable "
     "dynamics, linearised at the constant initial guess). Try the other `jacobian` "
     "mode (quasi-Newton, 'diagonal', often stays bounded where 'full' does not), a "
@@ -200,12 +242,13 @@ _DIVERGENCE_MESSAGE = (
 
 
 def scan(
-    cell: Callable[[PyTree[Array], PyTree[Array]], PyTree[Array]],
-    h0: PyTree[ArrayLike],
-    xs: PyTree[ArrayLike],
-    *,
+    f: Callable[[PyTree[Array], PyTree[Array]], tuple[PyTree[Array], PyTree[Array]]],
+    init: PyTree[ArrayLike],
+    xs: PyTree[ArrayLike] | None = None,
     length: int | None = None,
     reverse: bool = False,
+    unroll: int | bool = 1,
+    *,
     jacobian: "str | AbstractJacobianMode" = "full",
     rtol: float | None = None,
     atol: float | None = None,
@@ -215,39 +258,48 @@ def scan(
     throw: bool = True,
     return_stats: bool = False,
     linear_solver: lx.AbstractLinearSolver | None = None,
-) -> PyTree[Array] | tuple[PyTree[Array], ScanStats]:
-    """Run the recurrence `h_t = cell(h_{t-1}, x_t)`, `t = 1..T`, in parallel over
-    time (DEER: Lim et al., ICLR 2024), returning every state.
+) -> (
+    tuple[PyTree[Array], PyTree[Array]]
+    | tuple[tuple[PyTree[Array], PyTree[Array]], ScanStats]
+):
+    """`jax.lax.scan`, solved in parallel over time (DEER: Lim et al., ICLR 2024) for
+    a nonlinear recurrence such as an RNN.
 
-    It computes what
+    `deer_diffrax.scan(f, init, xs)` returns what `jax.lax.scan(f, init, xs)` returns,
+    `(final_carry, ys)`, for a step
 
     ```python
-    def step(h, x):
-        h = cell(h, x)
-        return h, h
-
-    _, states = jax.lax.scan(step, h0, xs)
+    def f(carry, x):
+        ...
+        return new_carry, y
     ```
 
-    computes, but instead of `T` cell calls in a chain it solves for all states at
-    once with Newton's method on `F(H)_t = h_t - cell(h_{t-1}, x_t)`. Each Newton
-    iteration evaluates the cell and its Jacobian at all time steps in parallel and
-    solves the linearised recurrence with an associative scan (`O(log T)` depth).
-    The root is the sequential answer, to the Newton tolerance.
+    It gets there differently: instead of `T` calls of `f` in a chain, it solves for
+    all the carries `h_1, ..., h_T` at once with Newton's method on
+    `F(H)_t = h_t - f(h_{t-1}, x_t)[0]`. Each Newton iteration evaluates `f` and its
+    Jacobian at all time steps in parallel and solves the linearised recurrence with
+    an associative scan (`O(log T)` depth). The root is the sequential answer, to the
+    Newton tolerance. The outputs take no part in this: once the carries have
+    converged, `ys` is one parallel evaluation (a `jax.vmap`) of `f` at the previous
+    carries `h_0, ..., h_{T-1}` and the inputs, so each `y_t` is exactly what `f`
+    returns at the converged carries, and `ys` may be any pytree (integers included,
+    or `None`), unrelated to the carry. The carries must be floating or complex.
 
-    Gradients (reverse or forward mode, with respect to `h0`, `xs` and anything the
-    cell closes over, e.g. its parameters) use the implicit function theorem: one
-    reverse-time associative scan with the exact transposed Jacobian, whatever
-    `jacobian` is; nothing is differentiated through the Newton iterations. Works
-    under `jax.jit` and `jax.vmap` (a batch of sequences is a `vmap` over `h0` and
-    `xs`).
+    Gradients (reverse or forward mode, of `final_carry` and `ys`, with respect to
+    `init`, `xs` and anything `f` closes over, e.g. its parameters) reach the carries
+    through the implicit function theorem: one reverse-time associative scan with the
+    exact transposed Jacobian, whatever `jacobian` is; nothing is differentiated
+    through the Newton iterations. Gradients through `ys` then differentiate that
+    last plain evaluation of `f`. Works under `jax.jit` and `jax.vmap` (a batch of
+    sequences is a `vmap` over `init` and `xs`).
 
-    Newton's cost per iteration is `T` evaluations of the cell's Jacobian (`n` JVPs
-    each, for a carry of `n` real numbers) and, for `jacobian="full"`, an
-    `O(T n^3)` scan; typical RNN cells converge in a few iterations. The payoff is on
-    parallel hardware: on a CPU `jax.lax.scan` is usually faster.
+    Newton's cost per iteration is `T` evaluations of the Jacobian of `f` with
+    respect to the carry (`n` JVPs each, for a carry of `n` real numbers) and, for
+    `jacobian="full"`, an `O(T n^3)` scan; typical RNN cells converge in a few
+    iterations. The payoff is on parallel hardware: on a CPU `jax.lax.scan` is
+    usually faster.
 
-    Newton can fail where the cell's linearisation is strongly expanding along the
+    Newton can fail where the linearisation of `f` is strongly expanding along the
     iterates: a trained RNN that stores memory in bistable or unstable dynamics,
     linearised at the constant initial guess, can have Jacobian products that grow
     like `e^60` over a few thousand steps. Failures are never returned silently
@@ -258,26 +310,37 @@ def scan(
 
     **Arguments:**
 
-    - `cell`: the step `cell(h, x) -> h_new`, where `h_new` has the same pytree
-        structure, shapes and dtypes as `h`. For Equinox cells, whose signature is
-        `cell(input, hidden)`, pass `lambda h, x: gru(x, h)`. It must be
-        differentiable in `h` (forward mode).
-    - `h0`: the initial carry, a pytree of floating or complex arrays (e.g. an
-        `(h, c)` tuple for an LSTM).
+    The first six are those of `jax.lax.scan`:
+
+    - `f`: the step `f(carry, x) -> (new_carry, y)`, where `new_carry` has the same
+        pytree structure, shapes and dtypes as `carry`. It must be differentiable in
+        `carry` (forward mode); `y` need not be. An Equinox cell
+        `gru(input, hidden) -> new_hidden` becomes `lambda h, x: (gru(x, h), None)`
+        when only the final carry is needed, and a step returning `(h_new, h_new)`,
+        with `h_new = gru(x, h)`, collects every carry in `ys`.
+    - `init`: the initial carry `h_0`, a pytree of floating or complex arrays (e.g.
+        an `(h, c)` tuple for an LSTM).
     - `xs`: the inputs, a pytree of arrays sharing a leading time axis of length `T`
         (`x_t` is `xs[t - 1]` for every leaf), or `None` together with `length`.
     - `length`: the number of steps `T`; needed only when `xs` has no arrays.
     - `reverse`: run from the last input to the first, as `jax.lax.scan`'s
-        `reverse=True` (states are returned in the order of `xs`).
+        `reverse=True`: `ys` is in the order of `xs`, and `final_carry` is the carry
+        after the step at `xs[0]`.
+    - `unroll`: accepted (a bool or a non-negative int, as `jax.lax.scan` checks it)
+        so that calls written for `jax.lax.scan` run unchanged, and ignored: there is
+        no sequential loop to unroll.
+
+    The rest, keyword-only, control the Newton solve:
+
     - `jacobian`: the Jacobian used by the Newton iterations: `"full"` (exact Newton,
         quadratic convergence, `O(T n^2)` memory; the default), `"diagonal"`
         (quasi-Newton with the exact diagonal of each step's Jacobian: `O(T n)`
         memory and scan work, linear convergence, more iterations), or a
         [`deer_diffrax.AbstractJacobianMode`][].
-    - `rtol`, `atol`: a bound on the error of the returned states against the
+    - `rtol`, `atol`: a bound on the error of the returned carries against the
         sequential recurrence: Newton stops once its exact update (to first order,
         that error) is within `atol + rtol |h_t|` entrywise, and returns the updated
-        states, whose error is then about the square of it. With
+        carries, whose error is then about the square of it. With
         `jacobian="diagonal"` the quasi-Newton iterations stop on their own error
         estimate and one exact Newton step checks and corrects it. Default
         (`None`): `10 eps^0.75` of the carry's dtype (about `2e-11` in float64,
@@ -289,10 +352,11 @@ def scan(
     - `damping`: reject Newton iterates whose residual overflows or grows sharply
         and retry with shrunk Jacobian blocks, down to a Picard sweep (default
         `True`; free when Newton behaves; see [`deer_diffrax.DeerNewton`][]).
-    - `initial_guess`: the states Newton starts from, shaped like the returned
-        states; default (`None`) is `h0` at every time step. A good guess (the
-        states from the previous training step, say) saves iterations. No gradient
-        flows through it.
+    - `initial_guess`: the carries `h_1, ..., h_T` Newton starts from, stacked along
+        a leading time axis in the order of `xs` (the carry's pytree with a leading
+        axis of length `T`); default (`None`) is `init` at every time step. A good
+        guess (the carries from the previous training step, say) saves iterations.
+        No gradient flows through it.
     - `throw`: if Newton fails (see `ScanStats.result`), raise an error at run time
         naming the cause and the remedies (`equinox.EquinoxRuntimeError`; under
         `jax.jit` it arrives wrapped in a `JaxRuntimeError`, use `equinox.filter_jit`
@@ -306,15 +370,17 @@ def scan(
 
     **Returns:**
 
-    The states `h_1, ..., h_T`: the carry's pytree with a leading time axis of
-    length `T` on every leaf (`h0` itself is not included; the final carry is the
-    last entry). With `return_stats=True`, a pair `(states, stats)`.
+    `(final_carry, ys)`, as `jax.lax.scan`: the last carry `h_T`, and the outputs
+    `y_1, ..., y_T` stacked along a leading time axis (the pytree of `y`, with a
+    leading axis of length `T` on every leaf). For `T = 0`, `(init, empty ys)`. With
+    `return_stats=True`, the pair `((final_carry, ys), stats)`, so that
+    `scan(...)[0]` is always what `jax.lax.scan` returns.
 
     **Raises:**
 
-    `ValueError` at trace time if the cell's output differs from the carry in
-    structure, shape or dtype, if the leaves of `xs` disagree on `T`, if the carry
-    is not floating, or for invalid options.
+    `ValueError` at trace time if `f` does not return a pair, if its new carry
+    differs from the carry in structure, shape or dtype, if the leaves of `xs`
+    disagree on `T`, if the carry is not floating, or for invalid options.
     """
     if not isinstance(max_newton_steps, int) or max_newton_steps < 1:
         raise ValueError(
@@ -332,69 +398,82 @@ def scan(
             "reported in the stats, so pass `return_stats=True` as well (and check "
             "`stats.result`)."
         )
+    _check_unroll(unroll)
     mode = jacobian_mode(jacobian)
     if linear_solver is None:
         linear_solver = AssociativeScanSolver()
-    _check_carry(h0)
-    h0 = jtu.tree_map(jnp.asarray, h0)
+    _check_carry(init)
+    init = jtu.tree_map(jnp.asarray, init)
     xs = jtu.tree_map(jnp.asarray, xs)
     num_steps = _sequence_length(xs, length)
+    # Solve in the order the steps run; `ys` is flipped back at the end.
     if reverse:
         xs = jtu.tree_map(lambda x: jnp.flip(x, 0), xs)
         if initial_guess is not None:
             initial_guess = jtu.tree_map(lambda h: jnp.flip(h, 0), initial_guess)
 
     if num_steps == 0:
-        return _empty_scan(cell, h0, xs, return_stats)
+        return _empty_scan(f, init, xs, return_stats)
 
-    # Closure conversion turns whatever the cell closes over (parameters being
+    # Closure conversion turns whatever `f` closes over (parameters being
     # differentiated, say) into array leaves of a pytree, which the implicit adjoint
     # then differentiates like any other input. Tracing it also gives the output
-    # structure, checked here so a wrong cell fails at trace time, not inside Newton.
+    # structure, checked here so a wrong `f` fails at trace time, not inside Newton.
     x_example = jtu.tree_map(lambda x: x[0], xs)
-    closed_cell = eqx.filter_closure_convert(cell, h0, x_example)
-    _check_cell_output(h0, closed_cell.out_struct)
+    closed_f = eqx.filter_closure_convert(f, init, x_example)
+    y_struct = _check_step_output(init, closed_f.out_struct)
 
-    h0_flat, unravel = real_ravel(h0)
-    flat_cell = _FlatCell(closed_cell, unravel)
+    init_flat, unravel = real_ravel(init)
+    flat_cell = _FlatCell(closed_f, unravel)
     if initial_guess is None:
-        guess = jnp.broadcast_to(h0_flat, (num_steps,) + h0_flat.shape)
+        guess = jnp.broadcast_to(init_flat, (num_steps,) + init_flat.shape)
     else:
-        guess = _ravel_guess(initial_guess, h0, num_steps).astype(h0_flat.dtype)
+        guess = _ravel_guess(initial_guess, init, num_steps).astype(init_flat.dtype)
 
-    default = default_tolerance(h0_flat.dtype)
+    default = default_tolerance(init_flat.dtype)
     newton = DeerNewton(
         rtol=default if rtol is None else rtol,
         atol=default if atol is None else atol,
         jacobian=mode,
         damping=damping,
         linear_solver=linear_solver,
-        # A cell can be linearised at any finite carry: with damping, linearise each
+        # `f` can be linearised at any finite carry: with damping, linearise each
         # trial once and keep the accepted linearisation (one pass per iteration).
         linearise_trials=True,
     )
     solution = solve_trajectory(
-        _residual, newton, guess, (flat_cell, h0_flat, xs), max_newton_steps
+        _residual, newton, guess, (flat_cell, init_flat, xs), max_newton_steps
     )
     trajectory = solution.value
     result = solution.result
-    residual_norm = solution.residual_norm
     if throw:
         max_steps_reached = result == optx.RESULTS.nonlinear_max_steps_reached
         trajectory = eqx.error_if(trajectory, max_steps_reached, _MAX_STEPS_MESSAGE)
         failed = (result != optx.RESULTS.successful) & jnp.invert(max_steps_reached)
         trajectory = eqx.error_if(trajectory, failed, _DIVERGENCE_MESSAGE)
 
-    states = jax.vmap(unravel)(trajectory)
-    if reverse:
-        states = jtu.tree_map(lambda h: jnp.flip(h, 0), states)
+    carries = jax.vmap(unravel)(trajectory)
+    final_carry = jtu.tree_map(lambda h: h[-1], carries)
+    y_leaves, y_treedef = jtu.tree_flatten(y_struct)
+    if y_leaves:
+        # The outputs at the converged carries, all steps at once. This calls `f`
+        # itself (not its closure conversion), so gradients reach what `f` closes
+        # over directly, and the carries through the implicit adjoint above.
+        previous = jtu.tree_map(shift_in, init, carries)
+        ys = jax.vmap(lambda h, x: f(h, x)[1])(previous, xs)
+        if reverse:
+            ys = jtu.tree_map(lambda y: jnp.flip(y, 0), ys)
+    else:
+        # E.g. `y = None`: nothing to compute (`jax.lax.scan` returns the same
+        # leafless structure).
+        ys = jtu.tree_unflatten(y_treedef, [])
     if not return_stats:
-        return states
+        return final_carry, ys
     stats = ScanStats(
         num_newton_steps=solution.num_steps,
         num_rejected=solution.num_rejected,
-        residual_norm=residual_norm,
+        residual_norm=solution.residual_norm,
         error_estimate=solution.error_estimate,
         result=result,
     )
-    return states, stats
+    return (final_carry, ys), stats

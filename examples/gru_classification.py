@@ -93,10 +93,16 @@ JACOBIANS = {
 
 
 def deer_final_state(cell, h0, xs, jacobian="clipped", max_newton_steps=100):
-    states = deer_diffrax.scan(
-        cell, h0, xs, jacobian=JACOBIANS[jacobian], max_newton_steps=max_newton_steps
+    """The same scan in parallel: `deer_diffrax.scan` takes `jax.lax.scan`'s
+    arguments, and the Newton options as keywords."""
+    final_state, _ = deer_diffrax.scan(
+        lambda h, x: (cell(h, x), None),
+        h0,
+        xs,
+        jacobian=JACOBIANS[jacobian],
+        max_newton_steps=max_newton_steps,
     )
-    return states[-1]
+    return final_state
 
 
 class GRUClassifier(eqx.Module):
@@ -130,9 +136,9 @@ def newton_iterations(model, xs, jacobian="clipped", max_newton_steps=100):
 
     def iterations(x):
         h0 = jnp.zeros(model.cell.hidden_size, x.dtype)
-        cell = lambda h, x: model.cell(x, h)
+        step = lambda h, x: (model.cell(x, h), None)
         _, stats = deer_diffrax.scan(
-            cell,
+            step,
             h0,
             x,
             jacobian=JACOBIANS[jacobian],

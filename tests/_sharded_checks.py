@@ -230,7 +230,7 @@ def recurrent_scan():
         h0, lambda h: jax.lax.scan(step, h, xs)[1]
     )
     (_, states), grad_sharded = value_and_grad(
-        h0, lambda h: deer_diffrax.scan(cell, h, xs, linear_solver=solver)
+        h0, lambda h: deer_diffrax.scan(step, h, xs, linear_solver=solver)[1]
     )
     return {
         "states": relative(states, expected),

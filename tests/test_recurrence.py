@@ -1,5 +1,5 @@
-"""`deer_diffrax.scan` against `jax.lax.scan`: states, gradients, transformations and
-errors."""
+"""`deer_diffrax.scan` against `jax.lax.scan`: carries, outputs, gradients,
+transformations and errors."""
 
 import equinox as eqx
 import jax
@@ -55,16 +55,27 @@ def _inputs(key, length=T):
     return jr.normal(key, (length, INPUT_SIZE))
 
 
-def _lax_states(model, h0, xs):
+def _collect_states(model):
+    """The `jax.lax.scan` step that returns every new carry as its output."""
+
     def step(h, x):
         h = model(x, h)
         return h, h
 
-    return jax.lax.scan(step, h0, xs)[1]
+    return step
+
+
+def _lax_states(model, h0, xs):
+    return jax.lax.scan(_collect_states(model), h0, xs)[1]
 
 
 def _deer_states(model, h0, xs, **kwargs):
-    return deer_diffrax.scan(lambda h, x: model(x, h), h0, xs, **kwargs)
+    """The states from `deer_diffrax.scan` (and its stats, with `return_stats`)."""
+    out = deer_diffrax.scan(_collect_states(model), h0, xs, **kwargs)
+    if kwargs.get("return_stats", False):
+        (_, states), stats = out
+        return states, stats
+    return out[1]
 
 
 def _loss(states, weights):
@@ -159,12 +170,12 @@ def test_jit_reverse_pytree_inputs_and_initial_guess():
     @jax.jit
     def deer(h0, xs, guess):
         return deer_diffrax.scan(
-            cell, h0, xs, reverse=True, initial_guess=guess, return_stats=True
+            lax_step, h0, xs, reverse=True, initial_guess=guess, return_stats=True
         )
 
     # The default guess (h0 everywhere); then the answer itself, which Newton only
     # has to confirm.
-    states, stats = deer(h0, xs, jnp.broadcast_to(h0, expected.shape))
+    (_, states), stats = deer(h0, xs, jnp.broadcast_to(h0, expected.shape))
     assert max_relative_difference(states, expected) <= 1e-10
     assert int(stats.num_newton_steps) > 1
     _, stats = deer(h0, xs, expected)
@@ -174,11 +185,16 @@ def test_jit_reverse_pytree_inputs_and_initial_guess():
 def test_no_inputs_with_length():
     weight = 0.5 * jr.normal(jr.PRNGKey(4), (4, 4))
     cell = lambda h, _: jnp.tanh(weight @ h) + 0.1
+    step = lambda h, x: (cell(h, x),) * 2
     h0 = jnp.ones(4)
-    expected = jax.lax.scan(lambda h, x: (cell(h, x),) * 2, h0, None, length=50)[1]
-    deer = deer_diffrax.scan(cell, h0, None, length=50)
+    expected_final, expected = jax.lax.scan(step, h0, None, length=50)
+    deer_final, deer = deer_diffrax.scan(step, h0, None, length=50)
     assert max_relative_difference(deer, expected) <= 1e-10
-    assert deer_diffrax.scan(cell, h0, None, length=0).shape == (0, 4)
+    assert max_relative_difference(deer_final, expected_final) <= 1e-10
+    empty_final, empty = deer_diffrax.scan(step, h0, None, length=0)
+    assert empty.shape == (0, 4)
+    # As for `jax.lax.scan`, no steps leave the carry at `init`.
+    assert jnp.array_equal(empty_final, h0)
 
 
 def test_float32():
@@ -194,22 +210,135 @@ def test_float32():
     assert max_relative_difference(deer, lax) <= 1e-4
 
 
+# `jax.lax.scan`'s interface: `f(carry, x) -> (new_carry, y)`, `(final_carry, ys)`.
+
+SHORT_T = 64
+
+
+def _lstm_with_outputs(key):
+    """An LSTM step whose `(h, c)` carry differs from its outputs: a dict of a linear
+    projection of `h`, an integer (the arg-max unit) and a `None`."""
+    kmodel, kproj, kh, kx = jr.split(key, 4)
+    model, init = _model_and_carry("lstm", kmodel)
+    projection = jr.normal(kproj, (2, HIDDEN_SIZE))
+
+    def f(params, carry, x):
+        model, projection = params
+        h, c = model(x, carry)
+        return (h, c), {"proj": projection @ h, "argmax": jnp.argmax(h), "none": None}
+
+    xs = _inputs(kx, SHORT_T)
+    return f, (model, projection), init, xs
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_pytree_carry_and_outputs_match_lax_scan(reverse):
+    f, params, init, xs = _lstm_with_outputs(jr.PRNGKey(10))
+    step = lambda carry, x: f(params, carry, x)
+    expected_carry, expected_ys = jax.lax.scan(step, init, xs, reverse=reverse)
+    (carry, ys), stats = jax.jit(
+        lambda init, xs: deer_diffrax.scan(
+            step, init, xs, reverse=reverse, return_stats=True
+        )
+    )(init, xs)
+
+    assert isinstance(stats, deer_diffrax.ScanStats)
+    assert stats.result == optx.RESULTS.successful
+    assert jax.tree_util.tree_structure(carry) == jax.tree_util.tree_structure(init)
+    assert jax.tree_util.tree_structure(ys) == jax.tree_util.tree_structure(expected_ys)
+    assert ys["none"] is None
+    assert ys["proj"].shape == (SHORT_T, 2)
+    assert ys["argmax"].dtype == expected_ys["argmax"].dtype
+    assert max_relative_difference(carry, expected_carry) <= 1e-10
+    assert max_relative_difference(ys["proj"], expected_ys["proj"]) <= 1e-10
+    assert jnp.array_equal(ys["argmax"], expected_ys["argmax"])
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradients_of_final_carry_and_outputs_match_lax_scan(reverse):
+    f, params, init, xs = _lstm_with_outputs(jr.PRNGKey(11))
+    kc, ky = jr.split(jr.PRNGKey(12))
+    carry_weights = jr.normal(kc, (2, HIDDEN_SIZE))
+    output_weights = jr.normal(ky, (SHORT_T, 2))
+
+    def loss(diff_args, scan_fn):
+        params, init = diff_args
+        (h, c), ys = scan_fn(lambda carry, x: f(params, carry, x), init, xs)
+        # Both the final carry and every output (through a nonlinearity, so that the
+        # adjoint recurrence is exercised at every step); the integer output cannot
+        # carry a gradient and is left out.
+        return (
+            jnp.sum(carry_weights[0] * jnp.sin(h))
+            + jnp.sum(carry_weights[1] * c**2)
+            + jnp.sum(output_weights * jnp.tanh(ys["proj"]))
+        )
+
+    lax_scan = lambda f, init, xs: jax.lax.scan(f, init, xs, reverse=reverse)
+    deer_scan = lambda f, init, xs: deer_diffrax.scan(f, init, xs, reverse=reverse)
+    grads = eqx.filter_jit(eqx.filter_grad(loss))
+    expected = grads((params, init), lax_scan)
+    actual = grads((params, init), deer_scan)
+    (model_grad, projection_grad), init_grad = actual
+    (expected_model, expected_projection), expected_init = expected
+    for name in ("weight_ih", "weight_hh", "bias"):
+        deer_grad = getattr(model_grad, name)
+        lax_grad = getattr(expected_model, name)
+        assert max_relative_difference(deer_grad, lax_grad) <= 1e-10, name
+    assert max_relative_difference(projection_grad, expected_projection) <= 1e-10
+    assert max_relative_difference(init_grad, expected_init) <= 1e-10
+
+
+def test_outputs_none_and_unroll_accepted():
+    cell, init = _gru_cell()
+    xs = _inputs(jr.PRNGKey(13), SHORT_T)
+    expected_carry, _ = jax.lax.scan(cell, init, xs)
+
+    @jax.jit
+    def deer(init, xs):
+        # `unroll` means nothing to a parallel solve: accepted, as keyword or in
+        # `jax.lax.scan`'s positional order, and ignored.
+        return (
+            deer_diffrax.scan(cell, init, xs),
+            deer_diffrax.scan(cell, init, xs, unroll=4),
+            deer_diffrax.scan(cell, init, xs, unroll=True),
+            deer_diffrax.scan(cell, init, xs, None, False, 0),
+        )
+
+    (carry, ys), *unrolled = deer(init, xs)
+    assert ys is None
+    assert max_relative_difference(carry, expected_carry) <= 1e-10
+    for unrolled_carry, unrolled_ys in unrolled:
+        assert jnp.array_equal(unrolled_carry, carry)
+        assert unrolled_ys is None
+
+
+def test_state_only_lstm_cell_is_rejected():
+    # A state-only LSTM cell returns `(h, c)`, which looks like a `(carry, y)` pair:
+    # the carry it then seems to return (`h`) does not match the `(h, c)` carry.
+    model, init = _model_and_carry("lstm", jr.PRNGKey(14))
+    xs = jnp.zeros((8, INPUT_SIZE))
+    with pytest.raises(ValueError, match="same pytree structure"):
+        deer_diffrax.scan(lambda carry, x: model(x, carry), init, xs)
+
+
 # Errors: at trace time for a wrong cell or bad options, at run time for Newton.
 
 
 def _gru_cell():
+    """A GRU step `f(h, x) -> (h_new, None)` and a carry for it."""
     model, h0 = _model_and_carry("gru", jr.PRNGKey(6))
-    return (lambda h, x: model(x, h)), h0
+    return (lambda h, x: (model(x, h), None)), h0
 
 
 @pytest.mark.parametrize(
     "bad_cell, match",
     [
-        (lambda h, x: (h, h), "same pytree structure"),  # lax.scan-style (carry, y)
-        (lambda h, x: h[:-1], "same pytree structure"),
-        (lambda h, x: h.astype(jnp.float32), "dtype mismatch"),
+        (lambda h, x: h, r"must return a pair `\(new_carry, y\)`"),  # carry only
+        (lambda h, x: (h[:-1], h), "same pytree structure"),
+        (lambda h, x: ((h, h), None), "same pytree structure"),
+        (lambda h, x: (h.astype(jnp.float32), None), "dtype mismatch"),
     ],
-    ids=["tuple", "shape", "dtype"],
+    ids=["carry_only", "shape", "structure", "dtype"],
 )
 def test_cell_output_must_match_carry(bad_cell, match):
     _, h0 = _gru_cell()
@@ -237,10 +366,13 @@ def test_cell_output_must_match_carry(bad_cell, match):
             dict(initial_guess=jnp.zeros((4, 6))),
             "initial_guess",
         ),
+        (jnp.zeros(6), jnp.zeros((5, 3)), dict(unroll=-1), "unroll"),
+        (jnp.zeros(6), jnp.zeros((5, 3)), dict(unroll=2.0), "unroll"),
+        (jnp.zeros(6), None, dict(length=2.5), "non-negative int"),
     ],
 )
 def test_bad_arguments(h0, xs, kwargs, match):
-    cell = lambda h, x: h
+    cell = lambda h, x: (h, None)
     with pytest.raises(ValueError, match=match):
         deer_diffrax.scan(cell, h0, xs, **kwargs)
 
@@ -273,7 +405,7 @@ def test_newton_failure_reported_without_throw():
 def test_divergence_reported():
     # A cell that produces NaN: Newton stops and says so instead of returning NaN as
     # a success.
-    cell = lambda h, x: jnp.log(h - 1.0) + x
+    cell = lambda h, x: (jnp.log(h - 1.0) + x, None)
     h0 = jnp.zeros(2)
     xs = jnp.ones((20, 2))
     _, stats = deer_diffrax.scan(cell, h0, xs, throw=False, return_stats=True)
@@ -294,7 +426,8 @@ def test_last_newton_step_cannot_discard_a_converged_answer(damping):
     h0 = jnp.zeros(2)
     xs = _inputs(jr.PRNGKey(8), 30)[:, :2]
     truth = _lax_states(lambda x, h: cell(h, x), h0, xs)
-    flat_cell = _FlatCell(eqx.filter_closure_convert(cell, h0, xs[0]), lambda v: v)
+    step = lambda h, x: (cell(h, x), None)
+    flat_cell = _FlatCell(eqx.filter_closure_convert(step, h0, xs[0]), lambda v: v)
     fn = lambda y, args: (_residual(y, args), None)
     args = (flat_cell, h0, xs)
     newton = deer_diffrax.DeerNewton(rtol=1e-10, atol=1e-10, damping=damping)
