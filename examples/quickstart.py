@@ -77,8 +77,10 @@ def main(t1=20.0, num_windows=10, num_substeps=200):
     )
     print(f"  DeerSolver time                            : {time_deer * 1e3:.1f} ms")
     print(f"  sequential Tsit5 time                      : {time_seq * 1e3:.1f} ms")
+    ratio = time_deer / time_seq
+    verdict = f"{ratio:.1f}x slower" if ratio >= 1 else f"{1 / ratio:.1f}x faster"
     print(
-        f"  ratio DEER / sequential                    : {time_deer / time_seq:.1f}x"
+        f"  DeerSolver vs sequential                   : {verdict}"
         f" on {jax.devices()[0].platform.upper()}"
     )
     return float(difference), state
