@@ -1,5 +1,10 @@
 """deer-diffrax: parallel-in-time Newton (DEER) solves for Diffrax."""
 
+from ._damping import (
+    AbstractDamping as AbstractDamping,
+    NoDamping as NoDamping,
+    ShrinkBlocksDamping as ShrinkBlocksDamping,
+)
 from ._dense import evaluate as evaluate
 from ._diagnostics import (
     DeerDiagnostics as DeerDiagnostics,

@@ -11,6 +11,7 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
+from ._damping import AbstractDamping, damping_strategy, ShrinkBlocksDamping
 from ._jacobian import AbstractJacobianMode, FullJacobian
 from ._operator import BlockBidiagonalOperator, unit_lower_block_bidiagonal_tag
 from ._scan_solve import AssociativeScanSolver
@@ -29,9 +30,9 @@ class DeerNewtonState(eqx.Module):
         damping cannot recover from.
     - `num_steps`: the number of Newton steps taken.
     - `num_rejected`: how many trial iterates damping rejected.
-    - `damping`: the current damping `lambda >= 0`; the step solves
-        `(I - L / (1 + lambda)) dY = -F`, so `0` is Newton and a large value is the
-        Picard (Jacobi) sweep `Y <- Phi(Y)`.
+    - `damping`: the state of the damping strategy (for
+        [`deer_diffrax.ShrinkBlocksDamping`][], the parameter `lambda` of the last
+        step; `None` for [`deer_diffrax.NoDamping`][]).
     - `anchor`: the iterate the last step started from (with damping: the last
         accepted one), at which `residual_norm` was measured; a rejected trial falls
         back to it, and it is returned if the final step made things worse.
@@ -47,15 +48,12 @@ class DeerNewtonState(eqx.Module):
     finite: Bool[Array, ""]
     num_steps: Int[Array, ""]
     num_rejected: Int[Array, ""]
-    damping: Float[Array, ""]
+    damping: PyTree[Array]
     anchor: Array
     anchor_residual: Array | None
     anchor_blocks: Array | None
 
 
-_MAX_DAMPING = 1e12
-# Below this the damping is switched off, so the steps are exact Newton steps again.
-_MIN_DAMPING = 1e-4
 # The largest linear convergence rate a quasi-Newton error estimate assumes: at the
 # rounding floor successive updates no longer shrink, and a larger cap would turn
 # that noise into a large error estimate. A slower true rate is caught by the exact
@@ -94,19 +92,15 @@ class DeerNewton(optx.AbstractRootFinder):
 
     **Damping.** Far from the solution the linearised recurrence can amplify
     exponentially and the next iterate overflows (Van der Pol or Lotka-Volterra
-    over long windows). With `damping=True` a trial iterate whose residual is
-    non-finite or grew more than `max_residual_growth` times is rejected: the step is
-    recomputed from the last accepted iterate with the Jacobian blocks shrunk,
-    `J_i / (1 + lambda)`, and `lambda` grows tenfold per rejection (it shrinks
-    tenfold per acceptance). As `lambda -> inf` the step becomes the Picard sweep
-    `Y <- Phi(shift(Y))`, which cannot overshoot and makes the exact prefix of the
-    trajectory at least one substep longer every iteration; so the damped
-    iteration interpolates between Newton's quadratic convergence and a sweep that
-    always makes progress. On problems where Newton works no trial is rejected. With
-    `linearise_trials=True` (what `DeerSolver` uses for explicit base solvers) each
-    trial is linearised directly and the last accepted linearisation is kept, so
-    damping costs memory, not time; otherwise it costs one more residual evaluation
-    per iteration (the trial is judged before the accepted point is linearised).
+    over long windows). A damping strategy ([`deer_diffrax.AbstractDamping`][];
+    by default [`deer_diffrax.ShrinkBlocksDamping`][]) judges each trial iterate by
+    its residual, rejects the bad ones (the step then restarts from the last
+    accepted iterate) and damps the step. On problems where Newton works no trial
+    is rejected. With `linearise_trials=True` (what `DeerSolver` uses for explicit
+    base solvers) each trial is linearised directly and the last accepted
+    linearisation is kept, so damping costs memory, not time; otherwise it costs one
+    more residual evaluation per iteration (the trial is judged before the accepted
+    point is linearised).
 
     Non-finite residuals that damping cannot recover from stop the iteration with
     `RESULTS.nonlinear_divergence`; running out of steps gives
@@ -117,8 +111,9 @@ class DeerNewton(optx.AbstractRootFinder):
     atol: float
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     jacobian: AbstractJacobianMode = FullJacobian()
-    damping: bool = eqx.field(static=True, default=True)
-    max_residual_growth: float = eqx.field(static=True, default=1e3)
+    damping: AbstractDamping = eqx.field(
+        default=ShrinkBlocksDamping(), converter=damping_strategy
+    )
     linear_solver: lx.AbstractLinearSolver = AssociativeScanSolver()
     jacobian_fn: Callable[[Array, Any], Array] | None = None
     linearise_trials: bool = eqx.field(static=True, default=False)
@@ -136,7 +131,9 @@ class DeerNewton(optx.AbstractRootFinder):
         # accepted iterate. Where the residual may be linearised anywhere, the step
         # linearises the trial once and keeps that linearisation for later; otherwise
         # it evaluates the trial, then linearises the accepted point (two passes).
-        return self.damping and (self.linearise_trials or self.jacobian_fn is not None)
+        return self.damping.may_reject and (
+            self.linearise_trials or self.jacobian_fn is not None
+        )
 
     def _linearise(self, fn, y, args, struct):
         """The residual at `y`, the aux, and the Jacobian blocks there."""
@@ -165,7 +162,7 @@ class DeerNewton(optx.AbstractRootFinder):
             finite=jnp.array(True),
             num_steps=jnp.array(0),
             num_rejected=jnp.array(0),
-            damping=jnp.array(0.0, dtype=y.dtype),
+            damping=self.damping.init(y.dtype),
             anchor=y,
             anchor_residual=anchor_residual,
             anchor_blocks=anchor_blocks,
@@ -180,7 +177,8 @@ class DeerNewton(optx.AbstractRootFinder):
             return self._scaled_norm(x, at).astype(state.residual_norm.dtype)
 
         keep = self._keeps_anchor_linearisation()
-        if keep or not self.damping:
+        may_reject = self.damping.may_reject
+        if keep or not may_reject:
             trial_residual, aux, trial_blocks = self._linearise(fn, y, args, struct)
         else:
             # Judge the trial on its residual alone, and linearise only the accepted
@@ -188,63 +186,45 @@ class DeerNewton(optx.AbstractRootFinder):
             # solver's own tangent solve raises on the NaNs of its failed stage
             # solve).
             trial_residual, aux = fn(y, args)
+        trial_norm = scaled_norm(trial_residual, y)
+        trial_finite = jnp.all(jnp.isfinite(trial_residual))
+        accept, damping = self.damping.judge(
+            state.damping, first, trial_norm, trial_finite, state.residual_norm
+        )
 
-        if self.damping:
-            trial_norm = scaled_norm(trial_residual, y)
-            finite = jnp.all(jnp.isfinite(trial_residual))
-            growth_ok = trial_norm <= self.max_residual_growth * state.residual_norm
-            # A full Picard sweep always extends the exact prefix, so at maximal
-            # damping any finite trial is taken.
-            picard = state.damping >= _MAX_DAMPING
-            accept = finite & (first | growth_ok | picard)
+        if may_reject:
             anchor = jnp.where(accept, y, state.anchor)
-            relaxed = state.damping / 10
-            relaxed = jnp.where(relaxed < _MIN_DAMPING, 0, relaxed)
-            damping = jnp.where(
-                accept,
-                relaxed,
-                jnp.minimum(jnp.maximum(10 * state.damping, 1.0), _MAX_DAMPING),
-            )
             residual_norm = jnp.where(accept, trial_norm, state.residual_norm)
             # Only a non-finite starting residual is beyond rescue.
-            still_finite = state.finite & (finite | jnp.invert(first))
+            still_finite = state.finite & (trial_finite | jnp.invert(first))
             num_rejected = state.num_rejected + jnp.where(accept, 0, 1)
-            base_y = anchor
             if keep:
                 residual = jnp.where(accept, trial_residual, state.anchor_residual)
                 blocks = jnp.where(accept, trial_blocks, state.anchor_blocks)
             else:
-                residual, aux, blocks = self._linearise(fn, base_y, args, struct)
+                residual, aux, blocks = self._linearise(fn, anchor, args, struct)
             anchor_residual, anchor_blocks = residual, blocks
-            blocks = blocks / (1 + damping)
         else:
-            anchor = base_y = y
-            damping = state.damping
+            anchor = y
+            residual_norm = trial_norm
+            still_finite = state.finite & trial_finite
             num_rejected = state.num_rejected
             residual, blocks = trial_residual, trial_blocks
-            residual_norm = scaled_norm(residual, y)
-            still_finite = state.finite & jnp.all(jnp.isfinite(residual))
 
         update = lx.linear_solve(
-            BlockBidiagonalOperator(blocks),
+            BlockBidiagonalOperator(self.damping.damp(damping, blocks)),
             residual,
             self.linear_solver,
             throw=False,
         ).value
-        new_y = base_y - update
-        update_norm = scaled_norm(update, base_y)
-        if self.damping:
+        new_y = anchor - update
+        update_norm = scaled_norm(update, anchor)
+        update_finite = jnp.all(jnp.isfinite(new_y))
+        damping = self.damping.after_update(damping, update_finite)
+        if may_reject:
             # A non-finite trial would stop Optimistix's loop before the next step
-            # could reject it: reject it here, staying at the anchor. The next step
-            # re-accepts the anchor and divides the damping by 10, so raise it by
-            # 100 to come back with ten times more.
-            update_finite = jnp.all(jnp.isfinite(new_y))
-            new_y = jnp.where(update_finite, new_y, base_y)
-            damping = jnp.where(
-                update_finite,
-                damping,
-                jnp.minimum(jnp.maximum(100 * damping, 10.0), _MAX_DAMPING),
-            )
+            # could reject it: reject it here, staying at the anchor.
+            new_y = jnp.where(update_finite, new_y, anchor)
             num_rejected = num_rejected + jnp.where(update_finite, 0, 1)
             update_norm = jnp.where(update_finite, update_norm, jnp.inf)
         else:
@@ -294,7 +274,8 @@ class DeerNewton(optx.AbstractRootFinder):
             # A damped step is not judged by its rate: on strongly amplifying
             # dynamics a heavily damped (Picard-like) iteration can take tiny steps
             # far from the root. Only an undamped exact update measures the error.
-            estimate = jnp.where(state.damping == 0, update, jnp.inf)
+            undamped = self.damping.is_undamped(state.damping)
+            estimate = jnp.where(undamped, update, jnp.inf)
         else:
             estimate = linear
         return jnp.where(jnp.isfinite(estimate), estimate, jnp.inf)
@@ -354,11 +335,11 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
 - `norm`: how the scaled residual is reduced to a scalar (default: max-norm).
 - `jacobian`: the structure of the blocks used in the Newton step (default exact,
     [`deer_diffrax.FullJacobian`][]).
-- `damping`: reject trial iterates whose residual is non-finite or grew too much,
-    and retry from the last accepted iterate with shrunk Jacobian blocks (default
-    `True`; see above).
-- `max_residual_growth`: the factor by which the scaled residual norm may grow from
-    one accepted iterate to the next trial before the trial is rejected.
+- `damping`: a [`deer_diffrax.AbstractDamping`][], or `True` for
+    [`deer_diffrax.ShrinkBlocksDamping`][] (the default: reject trial iterates
+    whose residual is non-finite or grew too much, and retry from the last accepted
+    iterate with shrunk Jacobian blocks) and `False` for
+    [`deer_diffrax.NoDamping`][] (plain Newton).
 - `linear_solver`: the Lineax solver of each Newton step's block-bidiagonal system
     (default [`deer_diffrax.AssociativeScanSolver`][]).
 - `jacobian_fn`: optionally, a cheaper function `(Y, args) -> G(Y)` with the same

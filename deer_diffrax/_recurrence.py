@@ -23,6 +23,7 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
+from ._damping import AbstractDamping
 from ._jacobian import AbstractJacobianMode, jacobian_mode
 from ._newton import DeerNewton, solve_trajectory
 from ._operator import shift_in
@@ -253,7 +254,7 @@ def scan(
     rtol: float | None = None,
     atol: float | None = None,
     max_newton_steps: int = 100,
-    damping: bool = True,
+    damping: "bool | AbstractDamping" = True,
     initial_guess: PyTree[ArrayLike] | None = None,
     throw: bool = True,
     return_stats: bool = False,
@@ -349,9 +350,11 @@ def scan(
     - `max_newton_steps`: the most Newton iterations allowed (default 100). In exact
         arithmetic Newton is exact after at most `T` iterations; contractive RNN
         cells need a handful with `jacobian="full"`.
-    - `damping`: reject Newton iterates whose residual overflows or grows sharply
-        and retry with shrunk Jacobian blocks, down to a Picard sweep (default
-        `True`; free when Newton behaves; see [`deer_diffrax.DeerNewton`][]).
+    - `damping`: a [`deer_diffrax.AbstractDamping`][] strategy, or `True` (the
+        default, [`deer_diffrax.ShrinkBlocksDamping`][]: reject Newton iterates
+        whose residual overflows or grows sharply and retry with shrunk Jacobian
+        blocks, down to a Picard sweep; free when Newton behaves) or `False`
+        ([`deer_diffrax.NoDamping`][]).
     - `initial_guess`: the carries `h_1, ..., h_T` Newton starts from, stacked along
         a leading time axis in the order of `xs` (the carry's pytree with a leading
         axis of length `T`); default (`None`) is `init` at every time step. A good

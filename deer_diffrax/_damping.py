@@ -1,0 +1,158 @@
+"""Safeguards of a Newton step: when to reject a trial iterate and how to damp."""
+
+import abc
+from typing import ClassVar
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, PyTree
+
+
+class AbstractDamping(eqx.Module):
+    """How [`deer_diffrax.DeerNewton`][] guards its steps.
+
+    Each Newton step starts at a *trial* iterate (the previous step's result). The
+    damping strategy judges the trial by its residual and either accepts it, so the
+    step starts there, or rejects it, so the step restarts from the last accepted
+    iterate (the *anchor*); it may then modify the Jacobian blocks of the step.
+    Strategies carry their own state (e.g. a damping parameter) from step to step.
+
+    Subclasses implement `init`, `judge`, `damp`, `after_update` and
+    `is_undamped`, and set the class variable `may_reject`.
+    """
+
+    # Whether `judge` can ever reject a trial. If not, Newton keeps no anchor and
+    # linearises every iterate directly.
+    may_reject: ClassVar[bool]
+
+    @abc.abstractmethod
+    def init(self, dtype) -> PyTree[Array]:
+        """The strategy's state before the first step, for iterates of `dtype`."""
+
+    @abc.abstractmethod
+    def judge(
+        self,
+        state: PyTree[Array],
+        first: Bool[Array, ""],
+        trial_norm: Float[Array, ""],
+        trial_finite: Bool[Array, ""],
+        anchor_norm: Float[Array, ""],
+    ) -> tuple[Bool[Array, ""], PyTree[Array]]:
+        """Accept or reject the trial iterate.
+
+        **Arguments:**
+
+        - `state`: the strategy's state.
+        - `first`: whether this is the first step (there is no anchor yet).
+        - `trial_norm`: the scaled norm of the residual at the trial iterate.
+        - `trial_finite`: whether that residual is finite.
+        - `anchor_norm`: the scaled residual norm at the last accepted iterate.
+
+        **Returns:** whether the trial is accepted, and the state for this step.
+        """
+
+    @abc.abstractmethod
+    def damp(self, state: PyTree[Array], blocks: Array) -> Array:
+        """The Jacobian blocks this step uses, given the exact (or approximate)
+        blocks at its starting point."""
+
+    @abc.abstractmethod
+    def after_update(
+        self, state: PyTree[Array], update_finite: Bool[Array, ""]
+    ) -> PyTree[Array]:
+        """The state after the step's update, which is discarded (the step stays at
+        its starting point) if `update_finite` is `False`."""
+
+    @abc.abstractmethod
+    def is_undamped(self, state: PyTree[Array]) -> Bool[Array, ""]:
+        """Whether the step taken with `state` was a plain Newton step, whose update
+        then measures the error of its starting point."""
+
+
+class NoDamping(AbstractDamping):
+    """Plain Newton steps: every trial is accepted and the blocks are used as they
+    are. A non-finite residual ends the iteration as diverged."""
+
+    may_reject: ClassVar[bool] = False
+
+    def init(self, dtype) -> None:
+        return None
+
+    def judge(self, state, first, trial_norm, trial_finite, anchor_norm):
+        return jnp.array(True), state
+
+    def damp(self, state, blocks):
+        return blocks
+
+    def after_update(self, state, update_finite):
+        return state
+
+    def is_undamped(self, state):
+        return jnp.array(True)
+
+
+_MAX_DAMPING = 1e12
+# Below this the damping is switched off, so the steps are exact Newton steps again.
+_MIN_DAMPING = 1e-4
+
+
+class ShrinkBlocksDamping(AbstractDamping):
+    """Reject a trial whose residual is non-finite or grew more than
+    `max_residual_growth` times, and retry from the last accepted iterate with the
+    Jacobian blocks shrunk, `J_i / (1 + lambda)`.
+
+    `lambda` grows tenfold per rejection (from at least 1) and shrinks tenfold per
+    acceptance, dropping to exactly 0 below `1e-4`, so steps return to plain Newton
+    once the iteration behaves. As `lambda -> inf` the step becomes the Picard sweep
+    `Y <- Phi(shift(Y))`, which cannot overshoot and makes the exact prefix of the
+    trajectory at least one substep longer every iteration: the damped iteration
+    interpolates between Newton's quadratic convergence and a sweep that always
+    makes progress. At the largest `lambda` any finite trial is accepted. A
+    non-finite update is discarded and `lambda` raised a hundredfold.
+
+    **Arguments:**
+
+    - `max_residual_growth`: the factor by which the scaled residual norm may grow
+        from the last accepted iterate to the trial before the trial is rejected
+        (default `1e3`).
+    """
+
+    max_residual_growth: float = eqx.field(static=True, default=1e3)
+    may_reject: ClassVar[bool] = True
+
+    def init(self, dtype) -> Float[Array, ""]:
+        return jnp.array(0.0, dtype=dtype)
+
+    def judge(self, state, first, trial_norm, trial_finite, anchor_norm):
+        growth_ok = trial_norm <= self.max_residual_growth * anchor_norm
+        picard = state >= _MAX_DAMPING
+        accept = trial_finite & (first | growth_ok | picard)
+        relaxed = state / 10
+        relaxed = jnp.where(relaxed < _MIN_DAMPING, 0, relaxed)
+        raised = jnp.minimum(jnp.maximum(10 * state, 1.0), _MAX_DAMPING)
+        return accept, jnp.where(accept, relaxed, raised).astype(state.dtype)
+
+    def damp(self, state, blocks):
+        return blocks / (1 + state).astype(blocks.dtype)
+
+    def after_update(self, state, update_finite):
+        # The next step re-accepts the anchor and divides lambda by 10, so raise it
+        # by 100 to come back with ten times more.
+        raised = jnp.minimum(jnp.maximum(100 * state, 10.0), _MAX_DAMPING)
+        return jnp.where(update_finite, state, raised).astype(state.dtype)
+
+    def is_undamped(self, state):
+        return state == 0
+
+
+def damping_strategy(damping: "bool | AbstractDamping") -> AbstractDamping:
+    """The strategy for `damping=True` ([`deer_diffrax.ShrinkBlocksDamping`][]),
+    `damping=False` ([`deer_diffrax.NoDamping`][]) or a strategy itself."""
+    if isinstance(damping, AbstractDamping):
+        return damping
+    if isinstance(damping, bool):
+        return ShrinkBlocksDamping() if damping else NoDamping()
+    raise ValueError(
+        f"Unknown damping {damping!r}: use True, False or a "
+        "`deer_diffrax.AbstractDamping` (e.g. `ShrinkBlocksDamping()`)."
+    )
