@@ -306,6 +306,8 @@ def test_jit_vmap_of_grad():
         _assert_grads_match(member, expected)
 
 
+# Slow run only (CI time): test_jit_vmap_of_grad covers grad with vmap.
+@pytest.mark.slow
 def test_grad_of_vmap():
     def mean_loss(params, y0s, args):
         losses = jax.vmap(_loss, in_axes=(None, 0, None))(params, y0s, args)
@@ -399,6 +401,8 @@ def _long_window_grad(max_newton_steps):
     return jax.grad(loss, _ARGNUMS, has_aux=True)
 
 
+# Slow run only (CI time): a cost property, not a correctness one.
+@pytest.mark.slow
 def test_backward_pass_independent_of_newton_iterations():
     inputs = (_PARAMS, _Y0, _ARGS)
     few, memory_few, size_few = _compiled_with_sizes(_long_window_grad(4), *inputs)

@@ -94,6 +94,8 @@ def test_vector_field_linearisation_other_base_solvers(base_cls):
     assert max_relative_difference(deer.ys, sequential.ys) <= 1e-9
 
 
+# Slow run only (CI time): an iteration-count property.
+@pytest.mark.slow
 def test_cheap_blocks_cost_few_extra_iterations():
     # The Euler blocks differ from the exact ones by O(dt^2) per substep, so Newton
     # with them converges linearly but fast: on the pendulum's 10 x 100 substeps

@@ -101,6 +101,9 @@ def test_modes_and_guesses_on_every_problem(name, mode, guess):
     assert max_relative_difference(deer.ys, sequential.ys) <= 1e-9
 
 
+# Slow run only (CI time): an iteration-count property; the guesses' correctness
+# is tested by test_modes_and_guesses_match_sequential.
+@pytest.mark.slow
 def test_better_guesses_need_fewer_iterations():
     problem = PROBLEMS["van_der_pol"]
     iterations = {}
@@ -160,6 +163,8 @@ def test_lorenz_never_silently_wrong():
     assert deer_diffrax.diagnostics(sol).fallbacks == 1
 
 
+# Slow run only (CI time): a cost property, not a correctness one.
+@pytest.mark.slow
 def test_damping_costs_nothing_when_newton_works():
     problem = PROBLEMS["mlp64"]
     results = {}

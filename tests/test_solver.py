@@ -82,17 +82,24 @@ def _check_matches_sequential(base_cls, name, layout):
 
 
 _LAYOUTS = ["one_window", "many_windows"]
+# The default run checks every problem and base solver in many windows; one long
+# window each runs with `-m slow` (tests/test_accuracy.py keeps single windows in the
+# default run).
+_DEFAULT_LAYOUTS = [
+    "many_windows",
+    pytest.param("one_window", marks=pytest.mark.slow),
+]
 _SOLVER_IDS = lambda c: c.__name__
 
 
 @pytest.mark.parametrize("name", sorted(PROBLEMS))
-@pytest.mark.parametrize("layout", _LAYOUTS)
+@pytest.mark.parametrize("layout", _DEFAULT_LAYOUTS)
 def test_every_problem_matches_sequential(name, layout):
     _check_matches_sequential(diffrax.Tsit5, name, layout)
 
 
 @pytest.mark.parametrize("base_cls", EXPLICIT_RK_SOLVERS, ids=_SOLVER_IDS)
-@pytest.mark.parametrize("layout", _LAYOUTS)
+@pytest.mark.parametrize("layout", _DEFAULT_LAYOUTS)
 def test_every_base_solver_matches_sequential(base_cls, layout):
     _check_matches_sequential(base_cls, "van_der_pol", layout)
 
