@@ -19,6 +19,8 @@ class AbstractDamping(eqx.Module):
 
     Subclasses implement `init`, `judge`, `damp`, `after_update` and
     `is_undamped`, and set the class variable `may_reject`.
+
+    **Arguments:** none here; subclasses define their own parameters.
     """
 
     # Whether `judge` can ever reject a trial. If not, Newton keeps no anchor and
@@ -71,7 +73,10 @@ class AbstractDamping(eqx.Module):
 
 class NoDamping(AbstractDamping):
     """Plain Newton steps: every trial is accepted and the blocks are used as they
-    are. A non-finite residual ends the iteration as diverged."""
+    are. A non-finite residual ends the iteration as diverged.
+
+    **Arguments:** none.
+    """
 
     may_reject: ClassVar[bool] = False
 
