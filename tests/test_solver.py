@@ -77,7 +77,7 @@ def _check_matches_sequential(base_cls, name, layout):
     assert deer.stats["num_accepted_steps"] == num_windows
     state = deer.solver_state
     assert int(state.num_windows) == num_windows
-    assert 1 <= int(state.max_newton_steps) <= 100
+    assert 1 <= int(state.most_newton_steps) <= 100
     assert float(state.last_residual) <= 1.0
 
 
