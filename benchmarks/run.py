@@ -18,7 +18,7 @@ compute the same discrete trajectory:
 - `seq`: `diffrax.diffeqsolve(term, Tsit5(), t0, t1, (t1 - t0) / T, y0)`, the
     sequential baseline users run today;
 - `scan`: a hand-written `jax.lax.scan` over `Tsit5().step` on the same grid (so a
-    DEER win is never only Diffrax's loop overhead, see DESIGN.md section 6);
+    DEER win is never only Diffrax's loop overhead);
 - `unrolled`: `jax.lax.scan` over a Tsit5 step written out stage by stage, the
     leanest sequential loop (Diffrax runs the stages of a step in an inner loop,
     which dominates its per-step cost on a GPU);

@@ -42,7 +42,8 @@ def _deer_and_sequential(problem, base, num_windows, num_substeps, **deer_kwargs
 
 # (num_windows, num_substeps): one window over the whole interval, and many windows.
 # Per problem so that each one-window solve stays within the range where Newton from
-# the constant initial guess converges (see DESIGN.md section 1b).
+# the constant initial guess converges (measured: long windows of expanding or
+# oscillatory dynamics overflow undamped Newton).
 _ONE_WINDOW = {
     "decay": (1, 300),
     "complex_linear": (1, 400),
