@@ -13,6 +13,12 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Real
 
+from ._base_solver import (
+    check_base_solver,
+    check_terms,
+    initial_base_state,
+    window_step_solver,
+)
 from ._damping import AbstractDamping, damping_strategy
 from ._fallback import AbstractFallback, fallback_strategy
 from ._guess import (
@@ -37,13 +43,6 @@ from ._window import (
     trajectory_residual,
     transition,
     worst_substep_error,
-)
-
-
-_SUPPORTED_NAMES = (
-    "explicit Runge-Kutta (Euler, Heun, Midpoint, Ralston, Bosh3, Tsit5, Dopri5, "
-    "Dopri8), diagonally implicit Runge-Kutta (ImplicitEuler, Kvaerno3, Kvaerno4, "
-    "Kvaerno5) or the SDE solver EulerHeun"
 )
 
 
@@ -76,6 +75,10 @@ class DeerState(eqx.Module):
         NaN otherwise (the next window is divided evenly).
     - `previous`: the last window's trajectory and initial state, kept only for
         `initial_guess="previous"` (else `None`).
+    - `base_state`: the base solver's own state after the last window, for a base
+        solver that carries state between steps (`ReversibleHeun`,
+        `LeapfrogMidpoint`, ...), whose windows solve for it along with `y`;
+        `None` for the others, which restart every substep.
     """
 
     num_windows: Int[Array, ""]
@@ -90,42 +93,7 @@ class DeerState(eqx.Module):
     total_substeps: Int[Array, ""]
     substep_size: Real[Array, ""]
     previous: tuple[Array, Array] | None
-
-
-def _is_supported_base_solver(solver) -> bool:
-    # Each needs a one-step map that is a pure function of the step's start: true for
-    # Runge-Kutta steps restarted with `made_jump=True`, not for multistep-like
-    # solvers that carry information between steps (e.g. reversible ones).
-    return isinstance(
-        solver,
-        (
-            diffrax.AbstractERK,
-            diffrax.AbstractDIRK,
-            diffrax.Euler,
-            diffrax.ImplicitEuler,
-            diffrax.EulerHeun,
-        ),
-    )
-
-
-def _check_terms(terms, base_solver) -> None:
-    is_path = lambda x: isinstance(x, diffrax.AbstractBrownianPath)
-    paths = [x for x in jtu.tree_leaves(terms, is_leaf=is_path) if is_path(x)]
-    for path in paths:
-        if isinstance(path, diffrax.UnsafeBrownianPath):
-            raise ValueError(
-                "DeerSolver cannot use `UnsafeBrownianPath`: its increments are not a "
-                "fixed function of time, so the one-step maps are not well defined. "
-                "Use `diffrax.VirtualBrownianTree` instead."
-            )
-    sde_solvers = (diffrax.AbstractItoSolver, diffrax.AbstractStratonovichSolver)
-    if paths and not isinstance(base_solver, sde_solvers):
-        raise ValueError(
-            f"The base solver {type(base_solver).__name__} does not solve SDEs (the "
-            "terms contain a Brownian motion). Use an SDE solver as the base: "
-            "`DeerSolver(diffrax.Euler())`, `DeerSolver(diffrax.Heun())` or "
-            "`DeerSolver(diffrax.EulerHeun())`."
-        )
+    base_state: PyTree | None
 
 
 def _nan_floats_as_arrays(args: PyTree) -> PyTree:
@@ -136,19 +104,12 @@ def _nan_floats_as_arrays(args: PyTree) -> PyTree:
     return jtu.tree_map(lambda x: jnp.asarray(x) if is_nan(x) else x, args)
 
 
-def _with_bounded_stages(base_solver):
-    """The base solver with a forward-differentiable stage loop.
+def _unknowns(y: PyTree, base_state: PyTree | None) -> PyTree:
+    return y if base_state is None else (y, base_state)
 
-    Forward-mode autodiff (used to linearise each substep) cannot pass through the
-    checkpointed stage loop that Diffrax's Runge-Kutta solvers use by default. Done at
-    trace time rather than in `DeerSolver.__init__`, so that the solver holds no
-    string leaf and passes through `jax.jit` like Diffrax's own solvers.
-    """
-    if isinstance(base_solver, diffrax.AbstractRungeKutta):
-        return eqx.tree_at(
-            lambda s: s.scan_kind, base_solver, "bounded", is_leaf=lambda x: x is None
-        )
-    return base_solver
+
+def _split_unknowns(unknowns: PyTree, base_state: PyTree | None):
+    return (unknowns, None) if base_state is None else unknowns
 
 
 def _next_substep_size(grid: SubstepGrid, dtype) -> Real[Array, ""]:
@@ -188,6 +149,10 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         interval) keeps the previous window's substep length, the last substep
         clipped at its end as a sequential solve clips its last step, and leaves the
         rest of its capacity inactive (zero-length substeps, which change nothing).
+    - A base solver that carries state between steps (`ReversibleHeun`,
+        `LeapfrogMidpoint`) has it solved for too: `Y` is then the sequence of pairs
+        `(y_i, s_i)` of state and solver state, `Phi_i` the base solver's step on a
+        pair, and the pair at a window's end starts the next window.
     - With `PIDController` the window length adapts: the window's error estimate is,
         per state entry, the largest embedded error estimate of its substeps, and a
         window whose Newton solve fails reports an infinite error so it is rejected
@@ -235,14 +200,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     ):
         if base_solver is None:
             base_solver = diffrax.Tsit5()
-        if isinstance(base_solver, DeerSolver) or not _is_supported_base_solver(
-            base_solver
-        ):
-            raise ValueError(
-                "DeerSolver needs a one-step base solver: "
-                f"{_SUPPORTED_NAMES}; got {type(base_solver).__name__}. "
-                "Pass it as `DeerSolver(base_solver=diffrax.Tsit5())`."
-            )
+        check_base_solver(base_solver, DeerSolver)
         for name, value in (
             ("num_substeps", num_substeps),
             ("max_newton_steps", max_newton_steps),
@@ -316,6 +274,11 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         return self.base_solver.term_structure
 
     @property
+    def term_compatible_contr_kwargs(self):
+        # E.g. stochastic Runge-Kutta bases ask the Brownian motion for Levy areas.
+        return self.base_solver.term_compatible_contr_kwargs
+
+    @property
     def interpolation_cls(self):
         return DeerInterpolationFactory(self.base_solver.interpolation_cls)
 
@@ -329,11 +292,16 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         return self.base_solver.error_order(terms)
 
     def init(self, terms, t0, t1, y0, args) -> DeerState:
-        del args
-        _check_terms(terms, self.base_solver)
+        check_terms(terms, self.base_solver)
+        # The first window is divided evenly: its first substep is where a sequential
+        # solve on the same grid would start.
+        first_substep_end = t0 + (t1 - t0) / self.num_substeps
+        base_state = initial_base_state(
+            self.base_solver, terms, t0, first_substep_end, y0, args
+        )
         zero = jnp.array(0, dtype=jnp.int32)
         if self.initial_guess.needs_previous:
-            y_start, _ = real_ravel(y0)
+            y_start, _ = real_ravel(_unknowns(y0, base_state))
             previous = (constant_guess(y_start, self.num_substeps), y_start)
         else:
             previous = None
@@ -352,6 +320,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             total_substeps=zero,
             substep_size=jnp.array(jnp.nan, dtype=jnp.result_type(t0, t1)),
             previous=previous,
+            base_state=base_state,
         )
 
     def step(
@@ -364,18 +333,23 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         solver_state: DeerState,
         made_jump,
     ) -> tuple[PyTree, PyTree | None, dict[str, Any], DeerState, diffrax.RESULTS]:
-        del made_jump  # every substep restarts its stages anyway
-        y_start, unravel = real_ravel(y0)
+        # The Newton unknowns: the state, and the base solver's own state if it
+        # carries one between steps.
+        y_start, unravel = real_ravel(_unknowns(y0, solver_state.base_state))
         # Checked here rather than in `init`, whose output Diffrax may not keep alive.
         y_start = eqx.error_if(
             y_start,
-            jnp.invert(jnp.all(jnp.isfinite(y_start))),
+            jnp.invert(jnp.all(jnp.isfinite(real_ravel(y0)[0]))),
             "DeerSolver: the initial state y0 contains NaN or inf; pass a finite y0.",
         )
         grid = substep_grid(t0, t1, self.num_substeps, solver_state.substep_size)
         ts = grid.ts
         args = _nan_floats_as_arrays(args)
-        base_solver = _with_bounded_stages(self.base_solver)
+        # Restartable bases restart every substep (`made_jump` is moot); one that
+        # carries state is told of a jump at the window's first substep.
+        base_solver = window_step_solver(
+            self.base_solver, solver_state.base_state, t0, made_jump
+        )
         substep_outputs = ft.partial(substep, base_solver, terms, args, unravel)
         substep_state = ft.partial(transition, base_solver, terms, args, unravel)
 
@@ -399,7 +373,8 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             y_start,
             ts,
             solver_state.previous,
-            lambda y: real_ravel(y)[0],
+            # A guess of `y` alone keeps the base solver's state where it starts.
+            lambda y: real_ravel(_unknowns(y, solver_state.base_state))[0],
         )
         solution = solve_trajectory(
             ft.partial(trajectory_residual, base_solver, unravel),
@@ -453,7 +428,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         )
         mapped = poison(mapped)
         dense_infos = jtu.tree_map(poison, dense_infos)
-        y1 = unravel(mapped[-1])
+        y1, base_state = _split_unknowns(unravel(mapped[-1]), solver_state.base_state)
 
         if errors is None:
             y_error = None
@@ -482,6 +457,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             total_substeps=solver_state.total_substeps + grid.num_active,
             substep_size=_next_substep_size(grid, solver_state.substep_size.dtype),
             previous=None if solver_state.previous is None else (trajectory, y_start),
+            base_state=base_state,
         )
         # The count travels as a time (Diffrax pads dense information with inf,
         # which an integer cannot hold).
@@ -495,11 +471,19 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
 
 DeerSolver.__init__.__doc__ = """**Arguments:**
 
-- `base_solver`: the one-step method of each substep: explicit Runge-Kutta
-    (`Euler`, `Heun`, `Midpoint`, `Ralston`, `Bosh3`, `Tsit5` (the default, `None`),
-    `Dopri5`, `Dopri8`), diagonally implicit Runge-Kutta (`ImplicitEuler`,
-    `Kvaerno3/4/5`, for stiff problems) or, for SDEs, `Euler`, `Heun` or
-    `EulerHeun`. Its order, error estimate and interpolation are DeerSolver's.
+- `base_solver`: the method of each substep: any Diffrax solver whose step is a
+    fixed function of its start, its own solver state and the driving path.
+    Explicit Runge-Kutta (`Tsit5`, the default (`None`), `Euler`, `Heun`,
+    `Dopri5`, ...), implicit and IMEX Runge-Kutta (`ImplicitEuler`, `Kvaerno3/4/5`,
+    `KenCarp3/4/5`, for stiff problems), `SemiImplicitEuler`, SDE solvers on a
+    `VirtualBrownianTree` (`Euler`, `Heun`, `EulerHeun`, Milstein, the stochastic
+    Runge-Kutta `SPaRK`, `ShARK`, `GeneralShARK`, `SRA1`, `SEA`, `SlowRK`, the
+    underdamped Langevin `ALIGN`, `ShOULD`, `QUICSORT`) and a
+    `diffrax.AbstractSolver` of your own are restarted at every substep.
+    Solvers that carry state between steps (`ReversibleHeun`, `LeapfrogMidpoint`,
+    or your own whose `init` returns a state) have that state solved for with `y`
+    (it must be floating point). Its order, error estimate and interpolation are
+    DeerSolver's.
 - `num_substeps`: substeps per window (per Diffrax step), default 100. Longer
     windows expose more parallelism but need more Newton iterations and memory
     (`O(num_substeps n^2)` for `jacobian="full"`).

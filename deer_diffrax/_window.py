@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, Int, PyTree, Real
 
+from ._base_solver import restarted_step
 from ._one_step import euler_step, one_step_map
 from ._operator import shift_in
 from ._ravel import real_ravel
@@ -72,12 +73,18 @@ def substep(base_solver, terms, args, unravel, y_prev, t_start, t_end):
         y_next, y_error, dense_info = written_out(terms, t_start, t_end, y, args)
         result = diffrax.RESULTS.successful
     else:
-        base_state = base_solver.init(terms, t_start, t_end, y, args)
-        # made_jump=True: FSAL methods recompute their first stage, so each substep
-        # is a function of its own starting point only.
-        y_next, y_error, dense_info, _, result = base_solver.step(
-            terms, t_start, t_end, y, args, base_state, made_jump=True
+        y_next, y_error, dense_info, result = restarted_step(
+            base_solver, terms, t_start, t_end, y, args
         )
+        # An inactive (zero-length) substep is the identity whatever the base solver
+        # (a multistep-like one would otherwise still move its carried state, a
+        # user's own might divide by the step), and reports no error.
+        active = t_end != t_start
+        y_next = jtu.tree_map(lambda new, old: jnp.where(active, new, old), y_next, y)
+        y_error = jtu.tree_map(
+            lambda e: jnp.where(active, e, jnp.zeros_like(e)), y_error
+        )
+        result = diffrax.RESULTS.where(active, result, diffrax.RESULTS.successful)
     y_next = jnp.where(finite, real_ravel(y_next)[0], jnp.nan)
     return y_next, y_error, dense_info, result
 
