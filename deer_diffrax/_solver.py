@@ -21,6 +21,7 @@ from ._guess import (
 )
 from ._interpolation import DeerInterpolationFactory
 from ._jacobian import AbstractJacobianMode, DiagonalJacobian, jacobian_mode
+from ._lyapunov import initial_direction, trajectory_growth, vector_growth
 from ._newton import DeerNewton, solve_trajectory
 from ._one_step import one_step_map
 from ._operator import shift_in
@@ -71,6 +72,15 @@ class DeerState(eqx.Module):
     - `substep_size`: the substep length the next window keeps if it is shorter
         than its capacity: that of the last window, if it used its whole capacity;
         NaN otherwise (the next window is divided evenly).
+    - `lyapunov_growth`, `lyapunov_time`: the logarithm of the growth of a unit
+        vector carried through the Jacobians of all substeps of the accepted
+        windows, and the time they span; their ratio estimates the largest
+        Lyapunov exponent of the dynamics along the solution (see
+        [`deer_diffrax.diagnostics`][]).
+    - `lyapunov_direction`: that vector, normalised, after the last accepted window.
+    - `last_window_growth`: the logarithm of the (Frobenius) norm of the product of
+        the substep Jacobians of the last window, at its final iterate:
+        `LLE x window length` for that window, whether or not Newton converged.
     - `previous`: the last window's trajectory and initial state, kept only for
         `initial_guess="previous"` (else `None`).
     """
@@ -86,6 +96,10 @@ class DeerState(eqx.Module):
     num_fallbacks: Int[Array, ""]
     total_substeps: Int[Array, ""]
     substep_size: Real[Array, ""]
+    lyapunov_growth: Float[Array, ""]
+    lyapunov_time: Real[Array, ""]
+    lyapunov_direction: Float[Array, " n"]
+    last_window_growth: Float[Array, ""]
     previous: tuple[Array, Array] | None
 
 
@@ -341,8 +355,9 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         del args
         _check_terms(terms, self.base_solver)
         zero = jnp.array(0, dtype=jnp.int32)
+        y_start, _ = real_ravel(y0)
+        time_dtype = jnp.result_type(t0, t1)
         if self.initial_guess.needs_previous:
-            y_start, _ = real_ravel(y0)
             previous = (constant_guess(y_start, self.num_substeps), y_start)
         else:
             previous = None
@@ -359,7 +374,11 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             total_rejected=zero,
             num_fallbacks=zero,
             total_substeps=zero,
-            substep_size=jnp.array(jnp.nan, dtype=jnp.result_type(t0, t1)),
+            substep_size=jnp.array(jnp.nan, dtype=time_dtype),
+            lyapunov_growth=jnp.array(0.0, dtype=y_start.dtype),
+            lyapunov_time=jnp.array(0.0, dtype=time_dtype),
+            lyapunov_direction=initial_direction(y_start.shape[0], y_start.dtype),
+            last_window_growth=jnp.array(0.0, dtype=y_start.dtype),
             previous=previous,
         )
 
@@ -472,6 +491,29 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
                 lambda e: jnp.where(ok, e, jnp.inf), worst_substep_error(errors)
             )
 
+        # The first substep's Jacobian is not in Newton's blocks (its start is
+        # fixed): one small forward-mode Jacobian completes the window's product.
+        first_jacobian = jax.lax.stop_gradient(
+            jax.jacfwd(lambda y: substep_state(y, ts[0], ts[1]))(y_start)
+        )
+        window_product, window_growth = trajectory_growth(
+            jnp.stack([first_jacobian, solution.growth_product])
+        )
+        window_growth = window_growth + solution.growth_scale
+        direction_growth, direction = vector_growth(
+            window_product, window_growth, solver_state.lyapunov_direction
+        )
+        # Only accepted, successful windows count: a failed window's iterate is not
+        # the solution, and a NaN would spoil every later estimate.
+        counts = ok & jnp.isfinite(direction_growth)
+        lyapunov_growth = solver_state.lyapunov_growth + jnp.where(
+            counts, direction_growth, 0
+        ).astype(solver_state.lyapunov_growth.dtype)
+        lyapunov_time = solver_state.lyapunov_time + jnp.where(
+            counts, jnp.abs(ts[-1] - ts[0]), 0
+        ).astype(solver_state.lyapunov_time.dtype)
+        direction = jnp.where(counts, direction, solver_state.lyapunov_direction)
+
         scale = newton.atol + newton.rtol * jnp.abs(mapped)
         residual = optx.max_norm((trajectory - mapped) / scale)
         newton_steps = solution.num_steps
@@ -492,6 +534,12 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             num_fallbacks=solver_state.num_fallbacks + num_fallbacks,
             total_substeps=solver_state.total_substeps + grid.num_active,
             substep_size=_next_substep_size(grid, solver_state.substep_size.dtype),
+            lyapunov_growth=lyapunov_growth,
+            lyapunov_time=lyapunov_time,
+            lyapunov_direction=direction.astype(solver_state.lyapunov_direction.dtype),
+            last_window_growth=window_growth.astype(
+                solver_state.last_window_growth.dtype
+            ),
             previous=None if solver_state.previous is None else (trajectory, y_start),
         )
         # The count travels as a time (Diffrax pads dense information with inf,
