@@ -62,6 +62,13 @@ class DeerDiagnostics(eqx.Module):
             f"{self.last_error_estimate:.2e} of tolerance; {self.damping_rejections} "
             f"damping rejections; {self.fallbacks} sequential fallbacks; largest "
             f"Lyapunov exponent {self.lyapunov_exponent:.3g} per unit time."
+            + (
+                " The last window did not converge; where the Lyapunov exponent is "
+                "positive the dynamics are chaotic and shorter windows (smaller "
+                "`dt0` or `num_substeps`, or an adaptive controller) are the remedy."
+                if not self.last_error_estimate <= 1
+                else ""
+            )
         )
 
 

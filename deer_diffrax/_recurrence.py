@@ -255,8 +255,11 @@ _MAX_STEPS_MESSAGE = (
     "iterations. Increase `max_newton_steps`; use `jacobian='full'` if you chose "
     "'diagonal' (quasi-Newton converges only linearly); pass an `initial_guess` "
     "closer to the answer (e.g. the carries of a previous call); or split the "
-    "sequence into shorter chunks chained through their final carries. Pass "
-    "`throw=False, return_stats=True` to get the result code instead of this error."
+    "sequence into shorter chunks chained through their final carries. If "
+    "`ScanStats.lyapunov_exponent` is positive the recurrence is chaotic along this "
+    "sequence (perturbations grow like exp(exponent x T)) and only shorter chunks "
+    "help. Pass `throw=False, return_stats=True` to get the result code and the "
+    "exponent instead of this error."
 )
 _DIVERGENCE_MESSAGE = (
     "deer_diffrax.scan: Newton's method diverged (a non-finite residual or update). "
