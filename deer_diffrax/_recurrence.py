@@ -25,12 +25,12 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._damping import AbstractDamping
 from ._jacobian import AbstractJacobianMode, jacobian_mode
+from ._linearisation import ResidualLinearisation
 from ._lyapunov import initial_direction, trajectory_growth, vector_growth
 from ._newton import DeerNewton, solve_trajectory, TrajectorySolution
 from ._operator import shift_in
 from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
-from ._solver import default_tolerance
 
 
 class ScanStats(eqx.Module):
@@ -464,16 +464,15 @@ def scan(
     else:
         guess = _ravel_guess(initial_guess, init, num_steps).astype(init_flat.dtype)
 
-    default = default_tolerance(init_flat.dtype)
     newton = DeerNewton(
-        rtol=default if rtol is None else rtol,
-        atol=default if atol is None else atol,
+        rtol=rtol,
+        atol=atol,
         jacobian=mode,
         damping=damping,
         linear_solver=linear_solver,
         # `f` can be linearised at any finite carry: with damping, linearise each
         # trial once and keep the accepted linearisation (one pass per iteration).
-        linearise_trials=True,
+        linearisation=ResidualLinearisation(safe_at_trials=True),
     )
     solution = solve_trajectory(
         _residual, newton, guess, (flat_cell, init_flat, xs), max_newton_steps
