@@ -28,6 +28,7 @@ from ._interpolation import (
 )
 from ._jacobian import (
     AbstractJacobianMode as AbstractJacobianMode,
+    BlockDiagonalJacobian as BlockDiagonalJacobian,
     DiagonalJacobian as DiagonalJacobian,
     FullJacobian as FullJacobian,
 )

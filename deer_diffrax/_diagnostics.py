@@ -25,6 +25,17 @@ class DeerDiagnostics(eqx.Module):
     - `last_residual`: the last window's final scaled residual.
     - `num_rejected`: trial iterates rejected by damping.
     - `num_fallbacks`: windows finished by the sequential fallback.
+    - `lyapunov_exponent`: the largest Lyapunov exponent of the dynamics along the
+        solution, per unit time: the growth rate of a perturbation carried through
+        the exact Jacobians of every substep of the accepted windows (NaN before
+        the first window). Negative: perturbations decay and Newton converges in
+        a few iterations at any window length. Positive: a window of length `L`
+        amplifies them by about `exp(lyapunov_exponent * L)`, and Newton needs
+        more iterations the larger that is (see the docs page "Will DEER be fast
+        on my problem?").
+    - `last_window_growth`: `LLE x window length` of the last window (the
+        logarithm of the norm of the product of its substep Jacobians, at its final
+        iterate, converged or not).
     """
 
     num_windows: int
@@ -37,6 +48,8 @@ class DeerDiagnostics(eqx.Module):
     last_residual: float
     num_rejected: int
     num_fallbacks: int
+    lyapunov_exponent: float
+    last_window_growth: float
 
     def __str__(self):
         histogram = ", ".join(
@@ -48,7 +61,15 @@ class DeerDiagnostics(eqx.Module):
             f"mean {self.mean_newton_steps:.2f} / max {self.most_newton_steps} "
             f"(iterations: windows = {{{histogram}}}); last error estimate "
             f"{self.last_error_estimate:.2e} of tolerance; {self.num_rejected} "
-            f"damping rejections; {self.num_fallbacks} sequential fallbacks."
+            f"damping rejections; {self.num_fallbacks} sequential fallbacks; largest "
+            f"Lyapunov exponent {self.lyapunov_exponent:.3g} per unit time."
+            + (
+                " The last window did not converge; where the Lyapunov exponent is "
+                "positive the dynamics are chaotic and shorter windows (smaller "
+                "`dt0` or `num_substeps`, or an adaptive controller) are the remedy."
+                if not self.last_error_estimate <= 1
+                else ""
+            )
         )
 
 
@@ -97,4 +118,8 @@ def diagnostics(solution_or_state: "diffrax.Solution | DeerState") -> DeerDiagno
         last_residual=float(state.last_residual),
         num_rejected=int(state.num_rejected),
         num_fallbacks=int(state.num_fallbacks),
+        lyapunov_exponent=float(state.lyapunov_growth / state.lyapunov_time)
+        if float(state.lyapunov_time) != 0
+        else float("nan"),
+        last_window_growth=float(state.last_window_growth),
     )

@@ -14,6 +14,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 from ._damping import AbstractDamping, damping_strategy, ShrinkBlocksDamping
 from ._jacobian import AbstractJacobianMode, FullJacobian
 from ._linearisation import AbstractLinearisation, ResidualLinearisation
+from ._lyapunov import trajectory_growth
 from ._operator import BlockBidiagonalOperator, unit_lower_block_bidiagonal_tag
 from ._scan_solve import AssociativeScanSolver
 
@@ -37,10 +38,12 @@ class DeerNewtonState(eqx.Module):
     - `anchor`: the iterate the last step started from (with damping: the last
         accepted one), at which `residual_norm` was measured; a rejected trial falls
         back to it, and it is returned if the final step made things worse.
-    - `anchor_residual`, `anchor_blocks`: the residual and the (undamped) Jacobian
-        blocks at `anchor`, kept with damping when the trial iterate is linearised
-        directly (a linearisation that is safe at trial points), so that a
-        rejected trial costs no re-evaluation (else `None`).
+    - `anchor_residual`: the residual at `anchor`, kept with damping when the
+        trial iterate is linearised directly (a linearisation that is safe at trial
+        points), so that a rejected trial costs no re-evaluation (else `None`).
+    - `anchor_blocks`: the (undamped) Jacobian blocks at `anchor`: what a rejected
+        trial restarts from, and, after the last step, the linearisation from which
+        `postprocess` estimates the Lyapunov exponent of the solution.
     """
 
     residual_norm: Float[Array, ""]
@@ -52,7 +55,7 @@ class DeerNewtonState(eqx.Module):
     damping: PyTree[Array]
     anchor: Array
     anchor_residual: Array | None
-    anchor_blocks: Array | None
+    anchor_blocks: Array
 
 
 # The largest linear convergence rate a quasi-Newton error estimate assumes: at the
@@ -155,13 +158,13 @@ class DeerNewton(optx.AbstractRootFinder):
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del options, f_struct, aux_struct, tags
+        struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
+        shapes = jax.eval_shape(lambda: self._linearise(fn, y, args, struct))
+        anchor_blocks = jnp.zeros(shapes[2].shape, shapes[2].dtype)
         if self._keeps_anchor_linearisation():
-            struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
-            shapes = jax.eval_shape(lambda: self._linearise(fn, y, args, struct))
             anchor_residual = jnp.zeros_like(y)
-            anchor_blocks = jnp.zeros(shapes[2].shape, shapes[2].dtype)
         else:
-            anchor_residual = anchor_blocks = None
+            anchor_residual = None
         return DeerNewtonState(
             residual_norm=jnp.array(jnp.inf, dtype=y.dtype),
             update_norm=jnp.array(jnp.inf, dtype=y.dtype),
@@ -210,7 +213,7 @@ class DeerNewton(optx.AbstractRootFinder):
                 blocks = jnp.where(accept, trial_blocks, state.anchor_blocks)
             else:
                 residual, aux, blocks = self._linearise(fn, anchor, args, struct)
-            anchor_residual, anchor_blocks = residual, blocks
+            anchor_residual = residual
         else:
             anchor = y
             residual_norm = trial_norm
@@ -241,7 +244,7 @@ class DeerNewton(optx.AbstractRootFinder):
             damping=damping,
             anchor=anchor,
             anchor_residual=anchor_residual if keep else None,
-            anchor_blocks=anchor_blocks if keep else None,
+            anchor_blocks=blocks,
         )
         return new_y, new_state, aux
 
@@ -298,6 +301,9 @@ class DeerNewton(optx.AbstractRootFinder):
             final_residual = jnp.where(keep_last, norm, state.residual_norm)
             error = self._error_estimate(state)
             num_steps = state.num_steps
+            # The exact blocks at the point the last step started from: within
+            # tolerance of the solution, so its Lyapunov exponent to first order.
+            exact_blocks = state.anchor_blocks
         else:
             # A quasi-Newton estimate of the error is blind to what its blocks
             # leave out (the coupling between components, for diagonal blocks), so
@@ -321,11 +327,17 @@ class DeerNewton(optx.AbstractRootFinder):
             error = jnp.where(finite, self.scaled_norm(update, start), jnp.inf)
             final_residual = self.scaled_norm(residual, start)
             num_steps = state.num_steps + 1
+            exact_blocks = blocks
+        # `blocks[0]` couples the fixed initial state, which the residual does not
+        # differentiate: the product runs over the steps after the first.
+        growth_product, growth_scale = trajectory_growth(exact_blocks[1:])
         stats: dict[str, Any] = dict(
             final_residual_norm=final_residual,
             error_estimate=error,
             num_newton_steps=num_steps,
             num_rejected=state.num_rejected,
+            growth_product=growth_product,
+            growth_scale=growth_scale,
         )
         return value, aux, stats
 
@@ -363,6 +375,8 @@ class TrajectorySolution(eqx.Module):
     num_rejected: Int[Array, ""]
     residual_norm: Float[Array, ""]
     error_estimate: Float[Array, ""]
+    growth_product: Array
+    growth_scale: Float[Array, ""]
 
 
 class _FiniteOutputSolver(lx.AbstractLinearSolver):
@@ -464,4 +478,6 @@ def solve_trajectory(
         num_rejected=jnp.asarray(stats["num_rejected"], dtype=jnp.int32),
         residual_norm=residual,
         error_estimate=error,
+        growth_product=jax.lax.stop_gradient(stats["growth_product"]),
+        growth_scale=jax.lax.stop_gradient(stats["growth_scale"]),
     )

@@ -52,12 +52,27 @@ def _has_diagonal_blocks(blocks: Array) -> bool:
     return blocks.ndim == 2
 
 
+def _has_block_diagonal_blocks(blocks: Array) -> bool:
+    return blocks.ndim == 4
+
+
+def dense_blocks(blocks: Array) -> Array:
+    """The `(T, n, n)` dense form of blocks in any layout (dense, diagonal or
+    block-diagonal)."""
+    if _has_diagonal_blocks(blocks):
+        return jax.vmap(jnp.diag)(blocks)
+    if _has_block_diagonal_blocks(blocks):
+        return jax.vmap(lambda b: jax.scipy.linalg.block_diag(*b))(blocks)
+    return blocks
+
+
 def apply_blocks(blocks: Array, x: Array, transpose: bool = False) -> Array:
     """Batched product `J_i x_i` (or `J_i^T x_i`) over the leading time axis.
 
     **Arguments:**
 
-    - `blocks`: `(T, n, n)` dense blocks or `(T, n)` diagonal blocks.
+    - `blocks`: `(T, n, n)` dense blocks, `(T, n)` diagonal blocks or
+        `(T, n / k, k, k)` block-diagonal blocks.
     - `x`: `(T, n)` vectors.
     - `transpose`: whether to multiply by the transposed blocks.
 
@@ -65,6 +80,11 @@ def apply_blocks(blocks: Array, x: Array, transpose: bool = False) -> Array:
     """
     if _has_diagonal_blocks(blocks):
         return blocks * x
+    if _has_block_diagonal_blocks(blocks):
+        pieces = x.reshape(blocks.shape[:3])
+        spec = "tbji,tbj->tbi" if transpose else "tbij,tbj->tbi"
+        out = jnp.einsum(spec, blocks, pieces, precision=jax.lax.Precision.HIGHEST)
+        return out.reshape(x.shape)
     if transpose:
         return jnp.einsum("tji,tj->ti", blocks, x, precision=jax.lax.Precision.HIGHEST)
     return jnp.einsum("tij,tj->ti", blocks, x, precision=jax.lax.Precision.HIGHEST)
@@ -81,21 +101,24 @@ class BlockBidiagonalOperator(lx.AbstractLinearOperator):
 
     **Arguments:**
 
-    - `blocks`: the Jacobians `J_i`, either dense `(T, n, n)` or diagonal `(T, n)`
-        (a quasi-Newton approximation, see [`deer_diffrax.DeerSolver`][]).
+    - `blocks`: the Jacobians `J_i`, either dense `(T, n, n)`, diagonal `(T, n)`
+        or block-diagonal `(T, n / k, k, k)` (`n / k` blocks of size `k` along the
+        diagonal; the last two are quasi-Newton approximations, see
+        [`deer_diffrax.DiagonalJacobian`][] and
+        [`deer_diffrax.BlockDiagonalJacobian`][]).
     - `lower`: `True` for `I - L`, `False` for its transpose `I - L^T`.
     """
 
-    blocks: Inexact[Array, "T n n"] | Inexact[Array, "T n"]
+    blocks: Inexact[Array, "T n n"] | Inexact[Array, "T n"] | Inexact[Array, "T m k k"]
     lower: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
-        if self.blocks.ndim not in (2, 3):
+        if self.blocks.ndim not in (2, 3, 4):
             raise ValueError(
-                "`BlockBidiagonalOperator` needs blocks of shape (T, n, n) or (T, n); "
-                f"got shape {self.blocks.shape}."
+                "`BlockBidiagonalOperator` needs blocks of shape (T, n, n), (T, n) or "
+                f"(T, n / k, k, k); got shape {self.blocks.shape}."
             )
-        if self.blocks.ndim == 3 and self.blocks.shape[1] != self.blocks.shape[2]:
+        if self.blocks.ndim >= 3 and self.blocks.shape[-1] != self.blocks.shape[-2]:
             raise ValueError(
                 f"Dense blocks must be square; got shape {self.blocks.shape}."
             )
@@ -106,6 +129,9 @@ class BlockBidiagonalOperator(lx.AbstractLinearOperator):
 
     @property
     def block_size(self) -> int:
+        """`n`, the size of each `J_i` (whatever layout stores it)."""
+        if _has_block_diagonal_blocks(self.blocks):
+            return self.blocks.shape[1] * self.blocks.shape[2]
         return self.blocks.shape[1]
 
     def mv(self, vector):
@@ -119,9 +145,7 @@ class BlockBidiagonalOperator(lx.AbstractLinearOperator):
 
     def as_matrix(self):
         t, n = self.num_times, self.block_size
-        dense = self.blocks
-        if _has_diagonal_blocks(dense):
-            dense = jax.vmap(jnp.diag)(dense)
+        dense = dense_blocks(self.blocks)
         # Place -J_i at block (i, i-1) of a (T, n, T, n) array, then flatten.
         matrix = jnp.zeros((t, n, t, n), dense.dtype)
         idx = jnp.arange(1, t)

@@ -26,7 +26,8 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 from ._damping import AbstractDamping
 from ._jacobian import AbstractJacobianMode, jacobian_mode
 from ._linearisation import ResidualLinearisation
-from ._newton import DeerNewton, solve_trajectory
+from ._lyapunov import initial_direction, trajectory_growth, vector_growth
+from ._newton import DeerNewton, solve_trajectory, TrajectorySolution
 from ._operator import shift_in
 from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
@@ -46,6 +47,13 @@ class ScanStats(eqx.Module):
     - `error_estimate`: Newton's estimate of the error of the returned carries
         against the sequential recurrence (the size of the last exact Newton
         update), scaled by `atol + rtol |h_t|`; `<= 1` means converged.
+    - `lyapunov_exponent`: the largest Lyapunov exponent of the recurrence along
+        the returned carries, per step: `log |P v| / T` for the product `P` of the
+        exact Jacobians `d h_t / d h_{t-1}` of all steps and a fixed unit vector
+        `v`. Negative for contracting cells (Newton converges in a few iterations
+        at any length); where it is positive, Newton's linearised recurrences
+        amplify by about `exp(lyapunov_exponent * T)`, and long sequences need many
+        iterations or fail (see the docs page "Will DEER be fast on my problem?").
     - `result`: an `optimistix.RESULTS` code: `successful`,
         `nonlinear_max_steps_reached` (not converged in `max_newton_steps`), or
         `nonlinear_divergence` / `nonfinite` (a non-finite residual, Newton update
@@ -56,6 +64,7 @@ class ScanStats(eqx.Module):
     num_rejected: Int[Array, ""]
     residual_norm: Float[Array, ""]
     error_estimate: Float[Array, ""]
+    lyapunov_exponent: Float[Array, ""]
     result: optx.RESULTS
 
 
@@ -82,6 +91,24 @@ def _residual(trajectory: Array, args: tuple[_FlatCell, Array, PyTree]) -> Array
     flat_cell, h0, xs = args
     previous = shift_in(h0, trajectory)
     return trajectory - jax.vmap(flat_cell)(previous, xs)
+
+
+def _lyapunov_exponent(
+    flat_cell: _FlatCell, init_flat: Array, xs: PyTree, solution: TrajectorySolution
+) -> Float[Array, ""]:
+    """Per step, from Newton's product of the Jacobians of steps `2..T` and the
+    first step's Jacobian (not in Newton's blocks: `h_0` is fixed)."""
+    x_first = jtu.tree_map(lambda x: x[0], xs)
+    first = jax.lax.stop_gradient(
+        jax.jacfwd(lambda h: flat_cell(h, x_first))(init_flat)
+    )
+    product, growth = trajectory_growth(jnp.stack([first, solution.growth_product]))
+    growth, _ = vector_growth(
+        product,
+        growth + solution.growth_scale,
+        initial_direction(init_flat.shape[0], init_flat.dtype),
+    )
+    return growth / solution.value.shape[0]
 
 
 def _structure(tree: PyTree) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
@@ -217,6 +244,7 @@ def _empty_scan(f, init, xs, return_stats):
         num_rejected=jnp.array(0),
         residual_norm=jnp.array(0.0, dtype),
         error_estimate=jnp.array(0.0, dtype),
+        lyapunov_exponent=jnp.array(jnp.nan, dtype),
         result=optx.RESULTS.successful,
     )
     return (init, ys), stats
@@ -227,8 +255,11 @@ _MAX_STEPS_MESSAGE = (
     "iterations. Increase `max_newton_steps`; use `jacobian='full'` if you chose "
     "'diagonal' (quasi-Newton converges only linearly); pass an `initial_guess` "
     "closer to the answer (e.g. the carries of a previous call); or split the "
-    "sequence into shorter chunks chained through their final carries. Pass "
-    "`throw=False, return_stats=True` to get the result code instead of this error."
+    "sequence into shorter chunks chained through their final carries. If "
+    "`ScanStats.lyapunov_exponent` is positive the recurrence is chaotic along this "
+    "sequence (perturbations grow like exp(exponent x T)) and only shorter chunks "
+    "help. Pass `throw=False, return_stats=True` to get the result code and the "
+    "exponent instead of this error."
 )
 _DIVERGENCE_MESSAGE = (
     "deer_diffrax.scan: Newton's method diverged (a non-finite residual or update). "
@@ -448,6 +479,7 @@ def scan(
     )
     trajectory = solution.value
     result = solution.result
+    lyapunov_exponent = _lyapunov_exponent(flat_cell, init_flat, xs, solution)
     if throw:
         max_steps_reached = result == optx.RESULTS.nonlinear_max_steps_reached
         trajectory = eqx.error_if(trajectory, max_steps_reached, _MAX_STEPS_MESSAGE)
@@ -476,6 +508,7 @@ def scan(
         num_rejected=solution.num_rejected,
         residual_norm=solution.residual_norm,
         error_estimate=solution.error_estimate,
+        lyapunov_exponent=lyapunov_exponent,
         result=result,
     )
     return (final_carry, ys), stats

@@ -36,19 +36,27 @@ def _compose(earlier, later):
 
 
 def solve_linear_recurrence(
-    blocks: Inexact[Array, "T n n"] | Inexact[Array, "T n"],
+    blocks: (
+        Inexact[Array, "T n n"] | Inexact[Array, "T n"] | Inexact[Array, "T m k k"]
+    ),
     rhs: Inexact[Array, "T n"],
 ) -> Inexact[Array, "T n"]:
     """Solve `x_i = J_i x_{i-1} + r_i` (with `x_{-1} = 0`) in `O(log T)` depth.
 
     **Arguments:**
 
-    - `blocks`: the `J_i`, dense `(T, n, n)` or diagonal `(T, n)`; `blocks[0]` is
-        unused.
+    - `blocks`: the `J_i`, dense `(T, n, n)`, diagonal `(T, n)` or
+        block-diagonal `(T, n / k, k, k)`; `blocks[0]` is unused.
     - `rhs`: the `r_i`, shape `(T, n)`.
 
     **Returns:** the `x_i`, shape `(T, n)`.
     """
+    if blocks.ndim == 4:
+        # `n / k` independent recurrences of size `k`, batched: `O(T n k^2)` work.
+        _, x = jax.lax.associative_scan(
+            _compose, (blocks, rhs.reshape(blocks.shape[:3]))
+        )
+        return x.reshape(rhs.shape)
     _, x = jax.lax.associative_scan(_compose, (blocks, rhs))
     return x
 
@@ -56,8 +64,8 @@ def solve_linear_recurrence(
 def _shift_transposed(blocks):
     # Backward recurrence x_i = J_{i+1}^T x_{i+1} + r_i: the coefficient of step i is
     # J_{i+1}^T, and the last step has none.
-    if blocks.ndim == 3:
-        blocks = jnp.swapaxes(blocks, 1, 2)
+    if blocks.ndim >= 3:
+        blocks = jnp.swapaxes(blocks, -1, -2)
     return shift_out(blocks, jnp.zeros_like(blocks[0]))
 
 
@@ -111,7 +119,8 @@ class AssociativeScanSolver(AbstractBidiagonalScanSolver):
     blocks are recovered with `n` vmapped matrix-vector products. The transpose solve
     (reverse-mode autodiff) is the same scan run backwards in time.
 
-    Work is `O(T n^3)` for dense blocks and `O(T n)` for diagonal ones.
+    Work is `O(T n^3)` for dense blocks, `O(T n k^2)` for block-diagonal ones with
+    blocks of size `k` and `O(T n)` for diagonal ones.
     """
 
     def compute(self, state: _ScanState, vector, options):

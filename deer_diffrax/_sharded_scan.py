@@ -10,6 +10,7 @@ import lineax as lx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Inexact
 
+from ._operator import dense_blocks
 from ._scan_solve import (
     _compose,
     _ScanState,
@@ -194,6 +195,11 @@ class ShardedScanSolver(AbstractBidiagonalScanSolver):
 
     def init(self, operator: lx.AbstractLinearOperator, options: dict[str, Any]):
         blocks, lower = super().init(operator, options)
+        if blocks.ndim == 4:
+            # The sharded chaining step is written for one block per time step:
+            # block-diagonal Jacobians travel in their dense form (correct, not
+            # cheaper).
+            blocks = dense_blocks(blocks)
         _check_mesh(blocks.shape[0], self.mesh, self.axis_name)
         # Lineax lowers `compute` inside its own primitive, where `jax.jit` cannot
         # see the mesh and would compile for one device: placing the blocks on the

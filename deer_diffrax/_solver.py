@@ -30,6 +30,7 @@ from ._guess import (
 from ._interpolation import DeerInterpolationFactory
 from ._jacobian import AbstractJacobianMode, DiagonalJacobian, jacobian_mode
 from ._linearisation import ResidualLinearisation, SurrogateLinearisation
+from ._lyapunov import initial_direction, trajectory_growth, vector_growth
 from ._newton import DeerNewton, solve_trajectory
 from ._one_step import one_step_map
 from ._operator import shift_in
@@ -73,6 +74,15 @@ class DeerState(eqx.Module):
     - `substep_size`: the substep length the next window keeps if it is shorter
         than its capacity: that of the last window, if it used its whole capacity;
         NaN otherwise (the next window is divided evenly).
+    - `lyapunov_growth`, `lyapunov_time`: the logarithm of the growth of a unit
+        vector carried through the Jacobians of all substeps of the accepted
+        windows, and the time they span; their ratio estimates the largest
+        Lyapunov exponent of the dynamics along the solution (see
+        [`deer_diffrax.diagnostics`][]).
+    - `lyapunov_direction`: that vector, normalised, after the last accepted window.
+    - `last_window_growth`: the logarithm of the (Frobenius) norm of the product of
+        the substep Jacobians of the last window, at its final iterate:
+        `LLE x window length` for that window, whether or not Newton converged.
     - `previous`: the last window's trajectory and initial state, kept only for
         `initial_guess="previous"` (else `None`).
     - `base_state`: the base solver's own state after the last window, for a base
@@ -92,6 +102,10 @@ class DeerState(eqx.Module):
     num_fallbacks: Int[Array, ""]
     total_substeps: Int[Array, ""]
     substep_size: Real[Array, ""]
+    lyapunov_growth: Float[Array, ""]
+    lyapunov_time: Real[Array, ""]
+    lyapunov_direction: Float[Array, " n"]
+    last_window_growth: Float[Array, ""]
     previous: tuple[Array, Array] | None
     base_state: PyTree | None
 
@@ -300,8 +314,11 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             self.base_solver, terms, t0, first_substep_end, y0, args
         )
         zero = jnp.array(0, dtype=jnp.int32)
+        # The Newton unknowns: the state, and the base solver's state if it carries
+        # one between steps.
+        y_start, _ = real_ravel(_unknowns(y0, base_state))
+        time_dtype = jnp.result_type(t0, t1)
         if self.initial_guess.needs_previous:
-            y_start, _ = real_ravel(_unknowns(y0, base_state))
             previous = (constant_guess(y_start, self.num_substeps), y_start)
         else:
             previous = None
@@ -318,7 +335,11 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             num_rejected=zero,
             num_fallbacks=zero,
             total_substeps=zero,
-            substep_size=jnp.array(jnp.nan, dtype=jnp.result_type(t0, t1)),
+            substep_size=jnp.array(jnp.nan, dtype=time_dtype),
+            lyapunov_growth=jnp.array(0.0, dtype=y_start.dtype),
+            lyapunov_time=jnp.array(0.0, dtype=time_dtype),
+            lyapunov_direction=initial_direction(y_start.shape[0], y_start.dtype),
+            last_window_growth=jnp.array(0.0, dtype=y_start.dtype),
             previous=previous,
             base_state=base_state,
         )
@@ -437,6 +458,30 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
                 lambda e: jnp.where(ok, e, jnp.inf), worst_substep_error(errors)
             )
 
+        # The first substep's Jacobian is not in Newton's blocks (its start is
+        # fixed): one small forward-mode Jacobian completes the window's product.
+        first_jacobian = jax.lax.stop_gradient(
+            jax.jacfwd(lambda y: substep_state(y, ts[0], ts[1]))(y_start)
+        )
+        window_product, window_growth = trajectory_growth(
+            jnp.stack([first_jacobian, solution.growth_product])
+        )
+        window_growth = window_growth + solution.growth_scale
+        direction_growth, direction = vector_growth(
+            window_product, window_growth, solver_state.lyapunov_direction
+        )
+        # Only windows that Newton solved count: a failed window's iterate is not
+        # the solution (nor are its blocks those of a fallback's trajectory), and a
+        # NaN would spoil every later estimate.
+        counts = ok & jnp.invert(fell_back) & jnp.isfinite(direction_growth)
+        lyapunov_growth = solver_state.lyapunov_growth + jnp.where(
+            counts, direction_growth, 0
+        ).astype(solver_state.lyapunov_growth.dtype)
+        lyapunov_time = solver_state.lyapunov_time + jnp.where(
+            counts, jnp.abs(ts[-1] - ts[0]), 0
+        ).astype(solver_state.lyapunov_time.dtype)
+        direction = jnp.where(counts, direction, solver_state.lyapunov_direction)
+
         residual = newton.scaled_norm(trajectory - mapped, mapped)
         newton_steps = solution.num_steps
         rejected = solution.num_rejected
@@ -456,6 +501,12 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             num_fallbacks=solver_state.num_fallbacks + num_fallbacks,
             total_substeps=solver_state.total_substeps + grid.num_active,
             substep_size=_next_substep_size(grid, solver_state.substep_size.dtype),
+            lyapunov_growth=lyapunov_growth,
+            lyapunov_time=lyapunov_time,
+            lyapunov_direction=direction.astype(solver_state.lyapunov_direction.dtype),
+            last_window_growth=window_growth.astype(
+                solver_state.last_window_growth.dtype
+            ),
             previous=None if solver_state.previous is None else (trajectory, y_start),
             base_state=base_state,
         )

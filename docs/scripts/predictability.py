@@ -1,0 +1,145 @@
+"""Draw the figure of the "Will DEER be fast on my problem?" page: Newton iterations
+against `LLE x length` over a panel of contracting, neutral and chaotic problems.
+
+- Random tanh RNNs `h <- tanh(g W h + x)` (hidden 8, `W` Gaussian with variance
+    `1 / 8`, inputs of scale 0.1), solved by `deer_diffrax.scan` over `T` steps for
+    several gains `g`: contracting for small `g`, chaotic beyond about `g = 1.5`.
+- A rotation (neutral, LLE 0) and Lorenz (chaotic, LLE about 0.9), each solved by
+    `DeerSolver(Tsit5)` in one window of growing length, 100 substeps per time unit.
+
+Every solve is full Newton with the default damping and `max_newton_steps = 200`,
+in float64, from the constant initial guess; the LLE is the one the solve reports
+(`ScanStats.lyapunov_exponent` per step times `T`, or
+`diagnostics(sol).last_window_growth`). Failed solves are drawn at the top.
+
+Run from the repository root (needs matplotlib):
+
+    python docs/scripts/predictability.py
+
+It writes `docs/figures/predictability.png` and prints the measurements as a
+markdown table.
+"""
+
+import pathlib
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import optimistix as optx
+
+import deer_diffrax
+
+
+jax.config.update("jax_enable_x64", True)
+
+MAX_STEPS = 200
+OUTPUT = pathlib.Path(__file__).resolve().parents[1] / "figures" / "predictability.png"
+
+
+def rnn_points():
+    size = 8
+    key_w, key_x = jax.random.split(jax.random.key(0))
+    weight = jax.random.normal(key_w, (size, size)) / jnp.sqrt(size)
+    points = []
+    for length in (100, 400):
+        xs = 0.1 * jax.random.normal(key_x, (length, size))
+        for gain in (0.5, 1.0, 1.5, 2.0, 3.0):
+            cell = lambda h, x, g=gain: (jnp.tanh(g * weight @ h + x), None)
+            _, stats = deer_diffrax.scan(
+                cell,
+                jnp.zeros(size),
+                xs,
+                max_newton_steps=MAX_STEPS,
+                throw=False,
+                return_stats=True,
+            )
+            ok = bool(stats.result == optx.RESULTS.successful)
+            growth = float(stats.lyapunov_exponent) * length
+            points.append(
+                (f"RNN g={gain} T={length}", growth, int(stats.num_newton_steps), ok)
+            )
+    return points
+
+
+def _rotation(t, y, args):
+    return jnp.stack([y[1], -y[0]])
+
+
+def _lorenz(t, y, args):
+    x, yy, z = y[0], y[1], y[2]
+    return jnp.stack([10 * (yy - x), x * (28 - z) - yy, x * yy - 8 / 3 * z])
+
+
+def ode_points():
+    lorenz_y0 = diffrax.diffeqsolve(
+        diffrax.ODETerm(_lorenz),
+        diffrax.Tsit5(),
+        0.0,
+        10.0,
+        0.01,
+        jnp.array([1.0, 1.0, 1.0]),
+    ).ys[-1]
+    problems = [
+        ("rotation", _rotation, jnp.array([1.0, 0.0]), (2.0, 8.0)),
+        ("Lorenz", _lorenz, lorenz_y0, (0.25, 0.5, 1.0, 2.0)),
+    ]
+    points = []
+    for name, field, y0, lengths in problems:
+        for length in lengths:
+            solver = deer_diffrax.DeerSolver(
+                diffrax.Tsit5(),
+                num_substeps=int(100 * length),
+                max_newton_steps=MAX_STEPS,
+            )
+            sol = diffrax.diffeqsolve(
+                diffrax.ODETerm(field),
+                solver,
+                0.0,
+                length,
+                length,
+                y0,
+                saveat=diffrax.SaveAt(t1=True, solver_state=True),
+                throw=False,
+            )
+            diag = deer_diffrax.diagnostics(sol)
+            ok = bool(sol.result == diffrax.RESULTS.successful)
+            points.append(
+                (
+                    f"{name} L={length}",
+                    diag.last_window_growth,
+                    int(sol.solver_state.last_newton_steps),
+                    ok,
+                )
+            )
+    return points
+
+
+def main():
+    points = rnn_points() + ode_points()
+    print("| problem | LLE x length | Newton iterations | converged |")
+    print("|---|---|---|---|")
+    for name, growth, iterations, ok in points:
+        print(f"| {name} | {growth:.2f} | {iterations} | {'yes' if ok else 'no'} |")
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for marker, prefix in (("o", "RNN"), ("s", "rotation"), ("^", "Lorenz")):
+        chosen = [p for p in points if p[0].startswith(prefix)]
+        axes.scatter(
+            [p[1] for p in chosen],
+            [p[2] if p[3] else MAX_STEPS for p in chosen],
+            marker=marker,
+            label=prefix,
+        )
+    axes.axvline(0.0, color="grey", linewidth=0.8)
+    axes.set_yscale("log")
+    # Symmetric-log: the contracting RNNs reach -300, the interesting range is near 0.
+    axes.set_xscale("symlog", linthresh=1.0)
+    axes.set_xlabel("LLE x window length (log growth of perturbations)")
+    axes.set_ylabel(f"Newton iterations (failed: {MAX_STEPS})")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(OUTPUT, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
