@@ -1,0 +1,112 @@
+"""Helpers shared by the benchmark scripts: ahead-of-time compilation, interleaved
+timing, a description of the machine, and markdown tables.
+
+Import it from a script in this folder (`from _common import ...`): Python puts the
+script's own folder on `sys.path`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def load_average() -> float:
+    """The 1-minute load average (`nan` where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def git_revision() -> str:
+    """The short commit of this checkout, marked when the library has uncommitted
+    changes (`DEER_BENCH_REVISION` outside a git checkout)."""
+    root = HERE.parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "deer_diffrax"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("DEER_BENCH_REVISION", "unknown")
+    return rev + ("+uncommitted changes" if dirty else "")
+
+
+def machine_line() -> str:
+    """One line saying what the numbers were measured on, and when."""
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", str(device))
+    return (
+        f"{kind} ({jax.default_backend()}, {os.cpu_count()} CPU cores, "
+        f"{platform.machine()}), jax {jax.__version__}, deer-diffrax at "
+        f"{git_revision()}, {datetime.datetime.now():%Y-%m-%d %H:%M}"
+    )
+
+
+def compile_ahead(fn: Callable, args: tuple) -> tuple[Callable, float]:
+    """`jax.jit(fn)` lowered and compiled for `args`, and the seconds that took."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def time_interleaved(
+    calls: dict[str, tuple[Callable, tuple]], repeats: int
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """Median wall time of each compiled call, measured in rounds that run every call
+    once in turn, so that a change of machine load hits all of them alike.
+
+    Each call is run once untimed first (warm-up). Returns the medians and the
+    outputs of the last round.
+    """
+    outputs = {
+        name: jax.block_until_ready(fn(*args)) for name, (fn, args) in calls.items()
+    }
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            outputs[name] = jax.block_until_ready(fn(*args))
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}, outputs
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.3g} ms"
+    return f"{seconds * 1e6:.3g} us"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_result(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text if text.endswith("\n") else text + "\n")
