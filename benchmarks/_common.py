@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -73,10 +72,13 @@ def compile_ahead(fn: Callable, args: tuple) -> tuple[Callable, float]:
 def time_interleaved(
     calls: dict[str, tuple[Callable, tuple]], repeats: int
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Median wall time of each compiled call, measured in rounds that run every call
-    once in turn, so that a change of machine load hits all of them alike.
+    """The shortest wall time of each compiled call over `repeats` rounds, each
+    round running every call once in turn, so that a change of machine load hits
+    all of them alike.
 
-    Each call is run once untimed first (warm-up). Returns the medians and the
+    The minimum, not the median: on a shared machine the other processes only ever
+    add time, so the fastest round is the best estimate of the call's own cost.
+    Each call is run once untimed first (warm-up). Returns the times and the
     outputs of the last round.
     """
     outputs = {
@@ -88,7 +90,7 @@ def time_interleaved(
             start = time.perf_counter()
             outputs[name] = jax.block_until_ready(fn(*args))
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}, outputs
+    return {name: min(s) for name, s in samples.items()}, outputs
 
 
 def format_seconds(seconds: float | None) -> str:

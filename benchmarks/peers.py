@@ -27,7 +27,8 @@ Tasks:
 states with respect to the parameters (errors then compare the gradients). Both
 DEER codes run at their default tolerances. Timing: every function compiled ahead
 of time and run once, then `--repeats` interleaved rounds (each round runs every
-solver once, so load changes hit all alike); the table shows medians and ratios
+solver once, so load changes hit all alike); the table shows the fastest round and
+ratios
 (`> 1`: deer-diffrax is slower). The reference does not report its iteration
 count: it is found as the smallest `max_iter` that reproduces its converged result
 bit for bit.
@@ -79,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--passes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"]
     )
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--ode", action="store_true", help="also the ODE task")
     parser.add_argument(
         "--quick",
