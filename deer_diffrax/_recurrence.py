@@ -84,6 +84,26 @@ def _residual(trajectory: Array, args: tuple[_FlatCell, Array, PyTree]) -> Array
     return trajectory - jax.vmap(flat_cell)(previous, xs)
 
 
+def _residual_and_blocks(
+    trajectory: Array, args: tuple[_FlatCell, Array, PyTree]
+) -> tuple[Array, Array]:
+    """`F(H)` and its exact blocks `J_t = df/dh (h_{t-1}, x_t)`, one forward-mode
+    Jacobian per time step (`n` JVPs of `f`, batched over time), with `f` evaluated
+    once per step for both."""
+    flat_cell, h0, xs = args
+    previous = shift_in(h0, trajectory)
+
+    def value_and_jacobian(h, x):
+        def cell(_h):
+            out = flat_cell(_h, x)
+            return out, out
+
+        return jax.jacfwd(cell, has_aux=True)(h)
+
+    blocks, values = jax.vmap(value_and_jacobian)(previous, xs)
+    return trajectory - values, blocks
+
+
 def _structure(tree: PyTree) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
     leaves, treedef = jtu.tree_flatten(tree)
     return treedef, [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
@@ -443,6 +463,7 @@ def scan(
         # `f` can be linearised at any finite carry: with damping, linearise each
         # trial once and keep the accepted linearisation (one pass per iteration).
         linearise_trials=True,
+        step_jacobian=_residual_and_blocks,
     )
     solution = solve_trajectory(
         _residual, newton, guess, (flat_cell, init_flat, xs), max_newton_steps
