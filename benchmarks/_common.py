@@ -7,6 +7,7 @@ script's own folder on `sys.path`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
@@ -16,7 +17,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import diffrax
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
+
+import deer_diffrax
 
 
 HERE = Path(__file__).resolve().parent
@@ -112,3 +119,113 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_result(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+@dataclasses.dataclass
+class Timing:
+    """One compiled function's measurements."""
+
+    seconds: float  # median wall time of the timed runs
+    compile_seconds: float
+    runs: int  # number of timed runs behind `seconds`
+    temp_bytes: int | None  # XLA's buffer plan: scratch + outputs of the executable
+    output: Any
+
+
+def _memory_bytes(compiled) -> int | None:
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if stats is None:
+        return None
+    return int(stats.temp_size_in_bytes + stats.output_size_in_bytes)
+
+
+def measure(fn: Callable, args: tuple, repeats: int, long_run: float) -> Timing:
+    """Compile `fn` ahead of time, warm it up once, and time `repeats` runs."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    output = jax.block_until_ready(compiled(*args))
+    warm = time.perf_counter() - start
+    if warm > long_run or repeats < 1:
+        return Timing(warm, compile_seconds, 1, _memory_bytes(compiled), output)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        output = jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return Timing(
+        float(np.median(times)),
+        compile_seconds,
+        len(times),
+        _memory_bytes(compiled),
+        output,
+    )
+
+
+def peak_device_bytes() -> int | None:
+    """The process's peak device memory so far (`memory_stats`, GPU only)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:
+        return None
+    if not stats:
+        return None
+    return stats.get("peak_bytes_in_use")
+
+
+def rel_error(output, reference) -> float:
+    """`max |output - reference| / max |reference|` over all leaves."""
+    num = max(
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(*map(jax.tree.leaves, (output, reference)), strict=True)
+    )
+    den = max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(reference))
+    return num / max(den, 1e-300)
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    device = jax.devices()[0]
+    return dict(
+        date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        backend=jax.default_backend(),
+        device=getattr(device, "device_kind", str(device)),
+        cpu_count=os.cpu_count(),
+        processor=platform.processor() or platform.machine(),
+        python=platform.python_version(),
+        jax=jax.__version__,
+        diffrax=diffrax.__version__,
+        equinox=eqx.__version__,
+        deer_diffrax=getattr(deer_diffrax, "__version__", "?"),
+        revision=git_revision(),
+        x64=bool(jax.config.jax_enable_x64),
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        load_average_1min=round(os.getloadavg()[0], 2),
+    )
+
+
+def _machine_line() -> str:
+    info = machine_info()
+    return (
+        f"{info['device']} ({info['backend']}, {info['cpu_count']} CPU cores), "
+        f"jax {info['jax']}, diffrax {info['diffrax']}, {info['date']}"
+    )
+
+
+def format_value(value, spec: str) -> str:
+    """`value` formatted with `spec`, or `-` for a missing one."""
+    return "-" if value is None else format(value, spec)
+
+
+def mib(nbytes: int | None) -> float | None:
+    """Bytes in MiB (`None` stays `None`)."""
+    return None if nbytes is None else nbytes / 2**20
+
+
+def file_suffix(args) -> str:
+    """`_<tag>` for a run given `--tag`, so that tagged runs write their own files."""
+    return f"_{args.tag}" if getattr(args, "tag", None) else ""

@@ -159,7 +159,7 @@ def main(repeats=3, dtype="float64"):
                     info = deer_diffrax.diagnostics(state)
                     print(
                         f"| {name} | {mode} | {damping} | {guess} | {ok} | "
-                        f"{info.mean_newton_steps:.1f}/{info.max_newton_steps} | "
+                        f"{info.mean_newton_steps:.1f}/{info.most_newton_steps} | "
                         f"{_relative(y, reference):.1e} | {seq_diff:.1e} | "
                         f"{t_deer / t_seq:.1f} |",
                         flush=True,

@@ -10,6 +10,11 @@ from ._diagnostics import (
     DeerDiagnostics as DeerDiagnostics,
     diagnostics as diagnostics,
 )
+from ._fallback import (
+    AbstractFallback as AbstractFallback,
+    NoFallback as NoFallback,
+    SequentialFallback as SequentialFallback,
+)
 from ._guess import (
     AbstractInitialGuess as AbstractInitialGuess,
     ConstantGuess as ConstantGuess,
@@ -25,6 +30,11 @@ from ._jacobian import (
     AbstractJacobianMode as AbstractJacobianMode,
     DiagonalJacobian as DiagonalJacobian,
     FullJacobian as FullJacobian,
+)
+from ._linearisation import (
+    AbstractLinearisation as AbstractLinearisation,
+    ResidualLinearisation as ResidualLinearisation,
+    SurrogateLinearisation as SurrogateLinearisation,
 )
 from ._newton import DeerNewton as DeerNewton, DeerNewtonState as DeerNewtonState
 from ._operator import (

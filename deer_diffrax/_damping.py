@@ -5,7 +5,10 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
+import lineax as lx
 from jaxtyping import Array, Bool, Float, PyTree
+
+from ._operator import BlockBidiagonalOperator
 
 
 class AbstractDamping(eqx.Module):
@@ -18,7 +21,9 @@ class AbstractDamping(eqx.Module):
     Strategies carry their own state (e.g. a damping parameter) from step to step.
 
     Subclasses implement `init`, `judge`, `damp`, `after_update` and
-    `is_undamped`, and set the class variable `may_reject`.
+    `is_undamped`, and set the class variable `may_reject`; one that computes its
+    step differently (not as a linear recurrence with modified blocks) also
+    overrides `update`.
 
     **Arguments:** none here; subclasses define their own parameters.
     """
@@ -57,6 +62,28 @@ class AbstractDamping(eqx.Module):
     def damp(self, state: PyTree[Array], blocks: Array) -> Array:
         """The Jacobian blocks this step uses, given the exact (or approximate)
         blocks at its starting point."""
+
+    def update(
+        self,
+        state: PyTree[Array],
+        blocks: Array,
+        residual: Array,
+        linear_solver: lx.AbstractLinearSolver,
+    ) -> Array:
+        """The step's update `dY` (the iterate moves to `Y - dY`).
+
+        **Arguments:**
+
+        - `state`: the strategy's state for this step.
+        - `blocks`: the Jacobian blocks at the step's starting point.
+        - `residual`: the residual there.
+        - `linear_solver`: the Newton solver's Lineax solver.
+
+        **Returns:** by default, the solution of the linear recurrence
+        `dy_i = B_i dy_{i-1} + F_i` with the blocks `B_i` given by `damp`.
+        """
+        operator = BlockBidiagonalOperator(self.damp(state, blocks))
+        return lx.linear_solve(operator, residual, linear_solver, throw=False).value
 
     @abc.abstractmethod
     def after_update(

@@ -16,26 +16,27 @@ class DeerDiagnostics(eqx.Module):
     - `num_windows`: accepted windows.
     - `total_substeps`: base-method substeps taken over the accepted windows (their
         active substeps): the steps a sequential solve on the same grid would take.
-    - `total_newton_steps`, `mean_newton_steps`, `max_newton_steps`: Newton
-        iterations summed, averaged and maximised over windows.
+    - `total_newton_steps`, `mean_newton_steps`, `most_newton_steps`: Newton
+        iterations summed over windows, their mean, and the most any window
+        needed.
     - `newton_steps_histogram`: `{iterations: number of windows}`, non-zero entries.
     - `last_error_estimate`: Newton's estimate of the last window's error against
         the sequential solution, as a fraction of the tolerance (`<= 1`: converged).
     - `last_residual`: the last window's final scaled residual.
-    - `damping_rejections`: trial iterates rejected by damping.
-    - `fallbacks`: windows finished by the sequential fallback.
+    - `num_rejected`: trial iterates rejected by damping.
+    - `num_fallbacks`: windows finished by the sequential fallback.
     """
 
     num_windows: int
     total_substeps: int
     total_newton_steps: int
     mean_newton_steps: float
-    max_newton_steps: int
+    most_newton_steps: int
     newton_steps_histogram: dict[int, int]
     last_error_estimate: float
     last_residual: float
-    damping_rejections: int
-    fallbacks: int
+    num_rejected: int
+    num_fallbacks: int
 
     def __str__(self):
         histogram = ", ".join(
@@ -44,10 +45,10 @@ class DeerDiagnostics(eqx.Module):
         return (
             f"DeerSolver: {self.num_windows} windows ({self.total_substeps} "
             "substeps), Newton iterations per window "
-            f"mean {self.mean_newton_steps:.2f} / max {self.max_newton_steps} "
+            f"mean {self.mean_newton_steps:.2f} / max {self.most_newton_steps} "
             f"(iterations: windows = {{{histogram}}}); last error estimate "
-            f"{self.last_error_estimate:.2e} of tolerance; {self.damping_rejections} "
-            f"damping rejections; {self.fallbacks} sequential fallbacks."
+            f"{self.last_error_estimate:.2e} of tolerance; {self.num_rejected} "
+            f"damping rejections; {self.num_fallbacks} sequential fallbacks."
         )
 
 
@@ -88,12 +89,12 @@ def diagnostics(solution_or_state: "diffrax.Solution | DeerState") -> DeerDiagno
         total_substeps=int(state.total_substeps),
         total_newton_steps=total,
         mean_newton_steps=total / max(windows, 1),
-        max_newton_steps=int(state.max_newton_steps),
+        most_newton_steps=int(state.most_newton_steps),
         newton_steps_histogram={
             int(k): int(v) for k, v in enumerate(histogram) if v != 0
         },
         last_error_estimate=float(state.last_error_estimate),
         last_residual=float(state.last_residual),
-        damping_rejections=int(state.total_rejected),
-        fallbacks=int(state.num_fallbacks),
+        num_rejected=int(state.num_rejected),
+        num_fallbacks=int(state.num_fallbacks),
     )

@@ -13,6 +13,7 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 
 from ._damping import AbstractDamping, damping_strategy, ShrinkBlocksDamping
 from ._jacobian import AbstractJacobianMode, FullJacobian
+from ._linearisation import AbstractLinearisation, ResidualLinearisation
 from ._operator import BlockBidiagonalOperator, unit_lower_block_bidiagonal_tag
 from ._scan_solve import AssociativeScanSolver
 
@@ -38,8 +39,8 @@ class DeerNewtonState(eqx.Module):
         back to it, and it is returned if the final step made things worse.
     - `anchor_residual`, `anchor_blocks`: the residual and the (undamped) Jacobian
         blocks at `anchor`, kept with damping when the trial iterate is linearised
-        directly (`linearise_trials` or `jacobian_fn`), so that a rejected trial
-        costs no re-evaluation (else `None`).
+        directly (a linearisation that is safe at trial points), so that a
+        rejected trial costs no re-evaluation (else `None`).
     """
 
     residual_norm: Float[Array, ""]
@@ -66,6 +67,15 @@ _MAX_RATE = 0.5
 _LINEAR_SAFETY = 0.1
 
 
+def default_tolerance(dtype) -> float:
+    """The default Newton `rtol` and `atol` for a trajectory of floating `dtype`: ten
+    times `eps ** 0.75` (about 2e-11 in float64 and 6e-5 in float32), well above the
+    rounding level of a residual but small enough that full Newton's last step leaves
+    an error near rounding."""
+    eps = float(jnp.finfo(dtype).eps)
+    return 10 * eps**0.75
+
+
 class DeerNewton(optx.AbstractRootFinder):
     """Newton's method for a residual `F(Y)_i = y_i - Phi_i(y_{i-1})` over a whole
     trajectory `Y` of shape `(T, n)`, whose Jacobian is unit lower block-bidiagonal.
@@ -83,12 +93,12 @@ class DeerNewton(optx.AbstractRootFinder):
     would not do: errors within the residual tolerance at every substep accumulate
     along the trajectory (measured: float32 results hundreds of times further from
     the root than the rounding of a sequential solve). With approximate blocks
-    (quasi-Newton, `jacobian_fn`) the iteration stops once its linear-rate estimate
-    of the error is a tenth of the tolerance, and `postprocess` finishes with one
-    exact Newton step, whose update checks that estimate with the full coupling and
-    whose correction squares the error; its size is returned as the statistic
-    `error_estimate` (see `solve_trajectory`, which fails the solve when it exceeds
-    1).
+    (quasi-Newton, a surrogate linearisation) the iteration stops once its
+    linear-rate estimate of the error is a tenth of the tolerance, and `postprocess`
+    finishes with one exact Newton step, whose update checks that estimate with the
+    full coupling and whose correction squares the error; its size is returned as
+    the statistic `error_estimate` (see `solve_trajectory`, which fails the solve
+    when it exceeds 1).
 
     **Damping.** Far from the solution the linearised recurrence can amplify
     exponentially and the next iterate overflows (Van der Pol or Lotka-Volterra
@@ -96,42 +106,47 @@ class DeerNewton(optx.AbstractRootFinder):
     by default [`deer_diffrax.ShrinkBlocksDamping`][]) judges each trial iterate by
     its residual, rejects the bad ones (the step then restarts from the last
     accepted iterate) and damps the step. On problems where Newton works no trial
-    is rejected. With `linearise_trials=True` (what `DeerSolver` uses for explicit
-    base solvers) each trial is linearised directly and the last accepted
-    linearisation is kept, so damping costs memory, not time; otherwise it costs one
-    more residual evaluation per iteration (the trial is judged before the accepted
-    point is linearised).
+    is rejected. Where the linearisation is safe at trial points (explicit base
+    solvers, recurrence cells; see [`deer_diffrax.AbstractLinearisation`][]) each
+    trial is linearised directly and the last accepted linearisation is kept, so
+    damping costs memory, not time; otherwise it costs one more residual evaluation
+    per iteration (the trial is judged before the accepted point is linearised).
 
     Non-finite residuals that damping cannot recover from stop the iteration with
     `RESULTS.nonlinear_divergence`; running out of steps gives
     `RESULTS.nonlinear_max_steps_reached`.
     """
 
-    rtol: float
-    atol: float
+    rtol: float | None = eqx.field(static=True, default=None)
+    atol: float | None = eqx.field(static=True, default=None)
     norm: Callable[[PyTree], Scalar] = optx.max_norm
     jacobian: AbstractJacobianMode = FullJacobian()
     damping: AbstractDamping = eqx.field(
         default=ShrinkBlocksDamping(), converter=damping_strategy
     )
     linear_solver: lx.AbstractLinearSolver = AssociativeScanSolver()
-    jacobian_fn: Callable[[Array, Any], Array] | None = None
-    linearise_trials: bool = eqx.field(static=True, default=False)
+    linearisation: AbstractLinearisation = ResidualLinearisation()
     step_jacobian: Callable[[Array, Any], tuple[Array, Array]] | None = None
 
     @property
     def _exact(self) -> bool:
-        return self.jacobian.exact and self.jacobian_fn is None
+        return self.jacobian.exact and self.linearisation.exact
 
-    def _scaled_norm(self, x: Array, at: Array) -> Float[Array, ""]:
-        scale = self.atol + self.rtol * jnp.abs(at)
-        return jnp.real(self.norm(x / scale))
+    def scaled_norm(self, x: Array, at: Array) -> Float[Array, ""]:
+        """The norm of `x` in units of the tolerance at `at`:
+        `norm(x / (atol + rtol |at|))`, with the default tolerance of `at`'s dtype
+        where `rtol` or `atol` is `None`. A trajectory is converged when its error
+        has a scaled norm of at most 1."""
+        default = default_tolerance(at.dtype)
+        rtol = default if self.rtol is None else self.rtol
+        atol = default if self.atol is None else self.atol
+        return jnp.real(self.norm(x / (atol + rtol * jnp.abs(at))))
 
     @property
     def _uses_step_jacobian(self) -> bool:
         return (
             self.step_jacobian is not None
-            and self.jacobian_fn is None
+            and self.linearisation.exact
             and isinstance(self.jacobian, FullJacobian)
         )
 
@@ -140,22 +155,14 @@ class DeerNewton(optx.AbstractRootFinder):
         # accepted iterate. Where the residual may be linearised anywhere, the step
         # linearises the trial once and keeps that linearisation for later; otherwise
         # it evaluates the trial, then linearises the accepted point (two passes).
-        return self.damping.may_reject and (
-            self.linearise_trials or self.jacobian_fn is not None
-        )
+        return self.damping.may_reject and self.linearisation.safe_at_trials
 
     def _linearise(self, fn, y, args, struct):
         """The residual at `y`, the aux, and the Jacobian blocks there."""
         if self._uses_step_jacobian:
             residual, blocks = self.step_jacobian(y, args)
             return residual, None, blocks
-        if self.jacobian_fn is None:
-            residual, linear_fn, aux = jax.linearize(
-                lambda _y: fn(_y, args), y, has_aux=True
-            )
-        else:
-            residual, aux = fn(y, args)
-            _, linear_fn = jax.linearize(lambda _y: self.jacobian_fn(_y, args), y)
+        residual, aux, linear_fn = self.linearisation.linearise(fn, y, args)
         return residual, aux, self.jacobian.blocks(linear_fn, struct)
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
@@ -186,7 +193,7 @@ class DeerNewton(optx.AbstractRootFinder):
         first = state.num_steps == 0
 
         def scaled_norm(x, at):
-            return self._scaled_norm(x, at).astype(state.residual_norm.dtype)
+            return self.scaled_norm(x, at).astype(state.residual_norm.dtype)
 
         keep = self._keeps_anchor_linearisation()
         may_reject = self.damping.may_reject
@@ -223,12 +230,7 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected = state.num_rejected
             residual, blocks = trial_residual, trial_blocks
 
-        update = lx.linear_solve(
-            BlockBidiagonalOperator(self.damping.damp(damping, blocks)),
-            residual,
-            self.linear_solver,
-            throw=False,
-        ).value
+        update = self.damping.update(damping, blocks, residual, self.linear_solver)
         new_y = anchor - update
         update_norm = scaled_norm(update, anchor)
         update_finite = jnp.all(jnp.isfinite(new_y))
@@ -302,7 +304,7 @@ class DeerNewton(optx.AbstractRootFinder):
             # keep the point it started from if the step made the residual both worse
             # and larger than the tolerance (or non-finite).
             residual, _ = fn(y, args)
-            norm = self._scaled_norm(residual, y)
+            norm = self.scaled_norm(residual, y)
             keep_last = norm <= jnp.maximum(state.residual_norm, 1)  # False for NaN
             value = jnp.where(keep_last, y, state.anchor)
             final_residual = jnp.where(keep_last, norm, state.residual_norm)
@@ -328,11 +330,10 @@ class DeerNewton(optx.AbstractRootFinder):
             value = start - update
             finite = jnp.all(jnp.isfinite(value))
             value = jnp.where(finite, value, start)
-            error = jnp.where(finite, self._scaled_norm(update, start), jnp.inf)
-            final_residual = self._scaled_norm(residual, start)
+            error = jnp.where(finite, self.scaled_norm(update, start), jnp.inf)
+            final_residual = self.scaled_norm(residual, start)
             num_steps = state.num_steps + 1
         stats: dict[str, Any] = dict(
-            residual_norm=state.residual_norm,
             final_residual_norm=final_residual,
             error_estimate=error,
             num_newton_steps=num_steps,
@@ -343,7 +344,9 @@ class DeerNewton(optx.AbstractRootFinder):
 
 DeerNewton.__init__.__doc__ = """**Arguments:**
 
-- `rtol`, `atol`: the residual tolerance, `|F(Y)_i| <= atol + rtol |y_i|` entrywise.
+- `rtol`, `atol`: the tolerance on the error of the returned trajectory against the
+    root, `atol + rtol |y_i|` entrywise (see above). Default (`None`):
+    `10 eps^0.75` of the trajectory's dtype.
 - `norm`: how the scaled residual is reduced to a scalar (default: max-norm).
 - `jacobian`: the structure of the blocks used in the Newton step (default exact,
     [`deer_diffrax.FullJacobian`][]).
@@ -354,23 +357,16 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
     [`deer_diffrax.NoDamping`][] (plain Newton).
 - `linear_solver`: the Lineax solver of each Newton step's block-bidiagonal system
     (default [`deer_diffrax.AssociativeScanSolver`][]).
-- `jacobian_fn`: optionally, a cheaper function `(Y, args) -> G(Y)` with the same
-    block-bidiagonal Jacobian structure as the residual, whose Jacobian approximates
-    the residual's (e.g. the residual of an Euler step of the same vector field). The
-    blocks are then read from its linearisation, and the residual is evaluated once
-    per iteration without being linearised: a quasi-Newton method with the same root.
-    Default `None`: the exact Jacobian of the residual.
-- `linearise_trials`: with damping, linearise each trial iterate directly and keep
-    the linearisation of the last accepted one (one pass of the residual per
-    iteration, and `O(T n^2)` more memory for dense blocks), instead of judging the
-    trial first and then linearising the accepted point (two passes). Only safe when
-    the residual can be linearised at any finite point; implicit base methods, whose
-    inner solves can fail at wild trial points, need the default `False`.
+- `linearisation`: where the blocks come from, an
+    [`deer_diffrax.AbstractLinearisation`][]: the exact Jacobian of the residual
+    ([`deer_diffrax.ResidualLinearisation`][], the default, not assumed safe at
+    trial points) or that of a cheaper surrogate
+    ([`deer_diffrax.SurrogateLinearisation`][]: quasi-Newton with the same root).
 - `step_jacobian`: optionally, `(Y, args) -> (F(Y), blocks)`, the residual and its
     exact dense blocks `J_i` computed directly, e.g. by a vmapped `jax.jacfwd` of the
     one-step map, for a residual `fn` without aux. Used instead of linearising the
     whole residual and probing it when `jacobian` is
-    [`deer_diffrax.FullJacobian`][] (and `jacobian_fn` is `None`): the same blocks,
+    [`deer_diffrax.FullJacobian`][] (and `linearisation` is exact): the same blocks,
     without storing a linearisation of the whole trajectory (measured 4.6x faster
     for a GRU cell on CPU). Default `None`.
 """

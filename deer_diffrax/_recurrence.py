@@ -25,11 +25,11 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._damping import AbstractDamping
 from ._jacobian import AbstractJacobianMode, jacobian_mode
+from ._linearisation import ResidualLinearisation
 from ._newton import DeerNewton, solve_trajectory
 from ._operator import shift_in
 from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
-from ._solver import default_tolerance
 
 
 class ScanStats(eqx.Module):
@@ -453,16 +453,15 @@ def scan(
     else:
         guess = _ravel_guess(initial_guess, init, num_steps).astype(init_flat.dtype)
 
-    default = default_tolerance(init_flat.dtype)
     newton = DeerNewton(
-        rtol=default if rtol is None else rtol,
-        atol=default if atol is None else atol,
+        rtol=rtol,
+        atol=atol,
         jacobian=mode,
         damping=damping,
         linear_solver=linear_solver,
         # `f` can be linearised at any finite carry: with damping, linearise each
         # trial once and keep the accepted linearisation (one pass per iteration).
-        linearise_trials=True,
+        linearisation=ResidualLinearisation(safe_at_trials=True),
         step_jacobian=_residual_and_blocks,
     )
     solution = solve_trajectory(

@@ -13,6 +13,8 @@ import lineax as lx
 import optimistix as optx
 from jaxtyping import Array, Float, Int, PyTree, Real
 
+from ._damping import AbstractDamping, damping_strategy
+from ._fallback import AbstractFallback, fallback_strategy
 from ._guess import (
     AbstractInitialGuess,
     constant_guess,
@@ -21,6 +23,7 @@ from ._guess import (
 )
 from ._interpolation import DeerInterpolationFactory
 from ._jacobian import AbstractJacobianMode, DiagonalJacobian, jacobian_mode
+from ._linearisation import ResidualLinearisation, SurrogateLinearisation
 from ._newton import DeerNewton, solve_trajectory
 from ._one_step import one_step_map
 from ._operator import shift_in
@@ -55,15 +58,15 @@ class DeerState(eqx.Module):
     - `num_windows`: accepted windows so far.
     - `last_newton_steps`: Newton iterations of the last accepted window.
     - `total_newton_steps`: Newton iterations summed over accepted windows.
-    - `max_newton_steps`: the most Newton iterations any accepted window needed.
+    - `most_newton_steps`: the most Newton iterations any accepted window needed.
     - `newton_steps_histogram`: entry `k` counts the accepted windows that took `k`
-        Newton iterations (length `max_newton_steps + 1` of the solver).
+        Newton iterations (length `DeerSolver.max_newton_steps + 1`).
     - `last_residual`: scaled max-norm of the last window's final residual
         `y_i - Phi_i(y_{i-1})` (near rounding level once converged).
     - `last_error_estimate`: Newton's estimate of the last window's error against
         the sequential solution of its substeps (the size of its last exact Newton
         update), scaled by the tolerance; `<= 1` means converged.
-    - `total_rejected`: trial iterates rejected by damping, over all windows.
+    - `num_rejected`: trial iterates rejected by damping, over all windows.
     - `num_fallbacks`: windows finished by the sequential fallback.
     - `total_substeps`: base-method substeps taken (active substeps, over all
         accepted windows): the number of steps a sequential solve on the same grid
@@ -78,11 +81,11 @@ class DeerState(eqx.Module):
     num_windows: Int[Array, ""]
     last_newton_steps: Int[Array, ""]
     total_newton_steps: Int[Array, ""]
-    max_newton_steps: Int[Array, ""]
+    most_newton_steps: Int[Array, ""]
     newton_steps_histogram: Int[Array, " max_newton_steps_plus_1"]
     last_residual: Float[Array, ""]
     last_error_estimate: Float[Array, ""]
-    total_rejected: Int[Array, ""]
+    num_rejected: Int[Array, ""]
     num_fallbacks: Int[Array, ""]
     total_substeps: Int[Array, ""]
     substep_size: Real[Array, ""]
@@ -160,15 +163,6 @@ def _next_substep_size(grid: SubstepGrid, dtype) -> Real[Array, ""]:
     return jnp.where(full, size, jnp.nan).astype(dtype)
 
 
-def default_tolerance(dtype) -> float:
-    """The default Newton `rtol` and `atol` for a state of floating `dtype`: ten times
-    `eps ** 0.75` (about 2e-11 in float64 and 6e-5 in float32), well above the
-    rounding level of a residual but small enough that full Newton's last step leaves
-    an error near rounding."""
-    eps = float(jnp.finfo(dtype).eps)
-    return 10 * eps**0.75
-
-
 class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     """Parallel-in-time solver (DEER: Lim et al., ICLR 2024) for Diffrax.
 
@@ -208,7 +202,8 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     `RESULTS.nonlinear_divergence`): `diffeqsolve` raises with `throw=True`, and an
     adaptive controller rejects the window and shrinks it. Remedies are shorter
     windows (smaller `dt0`, or an adaptive controller), more `max_newton_steps`,
-    `jacobian="full"`, a better `initial_guess`, or `fallback="sequential"`.
+    `jacobian="full"`, a better `initial_guess`, or `fallback="sequential"`
+    (see [`deer_diffrax.diagnostics`][] for what the windows did).
     """
 
     base_solver: diffrax.AbstractSolver
@@ -217,9 +212,9 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     atol: float | None = eqx.field(static=True)
     max_newton_steps: int = eqx.field(static=True)
     jacobian: AbstractJacobianMode
-    damping: bool = eqx.field(static=True)
+    damping: AbstractDamping
     initial_guess: AbstractInitialGuess
-    fallback: str | None = eqx.field(static=True)
+    fallback: AbstractFallback
     linear_solver: lx.AbstractLinearSolver
     linearise: str = eqx.field(static=True)
 
@@ -231,10 +226,10 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         atol: float | None = None,
         max_newton_steps: int = 50,
         jacobian: "str | AbstractJacobianMode" = "full",
-        damping: bool = True,
+        damping: "bool | AbstractDamping" = True,
         initial_guess: "str | Callable | AbstractInitialGuess" = "constant",
         predictor_stride: int = 10,
-        fallback: str | None = None,
+        fallback: "str | None | AbstractFallback" = None,
         linear_solver: lx.AbstractLinearSolver | None = None,
         linearise: str = "auto",
     ):
@@ -258,19 +253,15 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         for name, tol in (("rtol", rtol), ("atol", atol)):
             if tol is not None and not tol > 0:
                 raise ValueError(f"`{name}` must be positive; got {tol!r}.")
-        if fallback not in (None, "sequential"):
-            raise ValueError(
-                f"Unknown fallback {fallback!r}: use None or 'sequential'."
-            )
         self.base_solver = base_solver
         self.num_substeps = num_substeps
         self.rtol = rtol
         self.atol = atol
         self.max_newton_steps = max_newton_steps
         self.jacobian = jacobian_mode(jacobian)
-        self.damping = damping
+        self.damping = damping_strategy(damping)
         self.initial_guess = initial_guess_strategy(initial_guess, predictor_stride)
-        self.fallback = fallback
+        self.fallback = fallback_strategy(fallback)
         if linear_solver is None:
             linear_solver = AssociativeScanSolver()
         if not isinstance(linear_solver, lx.AbstractLinearSolver):
@@ -350,13 +341,13 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             num_windows=zero,
             last_newton_steps=zero,
             total_newton_steps=zero,
-            max_newton_steps=zero,
+            most_newton_steps=zero,
             newton_steps_histogram=jnp.zeros(
                 self.max_newton_steps + 1, dtype=jnp.int32
             ),
             last_residual=jnp.array(0.0),
             last_error_estimate=jnp.array(0.0),
-            total_rejected=zero,
+            num_rejected=zero,
             num_fallbacks=zero,
             total_substeps=zero,
             substep_size=jnp.array(jnp.nan, dtype=jnp.result_type(t0, t1)),
@@ -388,19 +379,20 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         substep_outputs = ft.partial(substep, base_solver, terms, args, unravel)
         substep_state = ft.partial(transition, base_solver, terms, args, unravel)
 
-        default = default_tolerance(y_start.dtype)
+        if self.linearise == "vector_field":
+            linearisation = SurrogateLinearisation(ft.partial(euler_residual, unravel))
+        else:
+            # Explicit substeps can be linearised anywhere; an implicit one's stage
+            # solve may fail at a wild trial point.
+            explicit = one_step_map(self.base_solver) is not None
+            linearisation = ResidualLinearisation(safe_at_trials=explicit)
         newton = DeerNewton(
-            rtol=default if self.rtol is None else self.rtol,
-            atol=default if self.atol is None else self.atol,
+            rtol=self.rtol,
+            atol=self.atol,
             jacobian=self.jacobian,
             damping=self.damping,
             linear_solver=self.linear_solver,
-            jacobian_fn=(
-                ft.partial(euler_residual, unravel)
-                if self.linearise == "vector_field"
-                else None
-            ),
-            linearise_trials=one_step_map(self.base_solver) is not None,
+            linearisation=linearisation,
         )
         guess = self.initial_guess(
             substep_state,
@@ -418,19 +410,17 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         )
         trajectory = solution.value
         newton_failed = solution.result != optx.RESULTS.successful
-        result = diffrax.RESULTS.promote(solution.result)
-        if self.fallback == "sequential":
-            # Under `vmap` this `cond` becomes a `select` and the sequential pass
-            # runs for every batch member: the price of the guarantee.
-            trajectory = jax.lax.cond(
-                newton_failed,
-                lambda: sequential_trajectory(substep_state, y_start, ts),
-                lambda: trajectory,
-            )
-            result = diffrax.RESULTS.successful
-            num_fallbacks = jnp.where(newton_failed, 1, 0).astype(jnp.int32)
-        else:
-            num_fallbacks = jnp.array(0, dtype=jnp.int32)
+        trajectory, fell_back = self.fallback(
+            newton_failed,
+            trajectory,
+            lambda: sequential_trajectory(substep_state, y_start, ts),
+        )
+        result = diffrax.RESULTS.where(
+            fell_back,
+            diffrax.RESULTS.successful,
+            diffrax.RESULTS.promote(solution.result),
+        )
+        num_fallbacks = fell_back.astype(jnp.int32)
 
         # One more (parallel) pass at the converged trajectory: the end state, the
         # error estimates and the dense output are those of the base method applied
@@ -472,15 +462,14 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
                 lambda e: jnp.where(ok, e, jnp.inf), worst_substep_error(errors)
             )
 
-        scale = newton.atol + newton.rtol * jnp.abs(mapped)
-        residual = optx.max_norm((trajectory - mapped) / scale)
+        residual = newton.scaled_norm(trajectory - mapped, mapped)
         newton_steps = solution.num_steps
         rejected = solution.num_rejected
         new_state = DeerState(
             num_windows=solver_state.num_windows + 1,
             last_newton_steps=newton_steps,
             total_newton_steps=solver_state.total_newton_steps + newton_steps,
-            max_newton_steps=jnp.maximum(solver_state.max_newton_steps, newton_steps),
+            most_newton_steps=jnp.maximum(solver_state.most_newton_steps, newton_steps),
             newton_steps_histogram=solver_state.newton_steps_histogram.at[
                 newton_steps
             ].add(1),
@@ -488,7 +477,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             last_error_estimate=solution.error_estimate.astype(
                 solver_state.last_error_estimate.dtype
             ),
-            total_rejected=solver_state.total_rejected + rejected,
+            num_rejected=solver_state.num_rejected + rejected,
             num_fallbacks=solver_state.num_fallbacks + num_fallbacks,
             total_substeps=solver_state.total_substeps + grid.num_active,
             substep_size=_next_substep_size(grid, solver_state.substep_size.dtype),
@@ -529,9 +518,11 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
     the diagonal of each substep Jacobian: `O(T n)` memory and work, linear
     convergence; see `linearise` for where the diagonal comes from), or an
     `AbstractJacobianMode`. Gradients always use the exact Jacobian.
-- `damping`: reject Newton iterates whose residual overflows or grows sharply and
-    retry with shrunk Jacobian blocks, down to a Picard sweep (default `True`; free
-    when Newton behaves; see [`deer_diffrax.DeerNewton`][]).
+- `damping`: how Newton guards its steps, a [`deer_diffrax.AbstractDamping`][] or
+    a shorthand: `True` (default) for [`deer_diffrax.ShrinkBlocksDamping`][]
+    (reject iterates whose residual overflows or grows sharply and retry with shrunk
+    Jacobian blocks, down to a Picard sweep; free when Newton behaves), `False` for
+    [`deer_diffrax.NoDamping`][] (plain Newton).
 - `initial_guess`: where Newton starts in each window, a
     [`deer_diffrax.AbstractInitialGuess`][] or a shorthand for one: `"constant"`
     ([`deer_diffrax.ConstantGuess`][], the window's initial state at every
@@ -543,9 +534,11 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
     solution).
 - `predictor_stride`: substeps per coarse step of the `"predictor"` shorthand
     (default 10); `PredictorGuess(stride)` says it directly.
-- `fallback`: `None` (default: a failed window is reported) or `"sequential"`: a
-    window whose Newton solve fails is finished by the base solver one substep at a
-    time; `DeerState.num_fallbacks` records it.
+- `fallback`: what a window whose Newton solve fails does, a
+    [`deer_diffrax.AbstractFallback`][] or a shorthand: `None` (default,
+    [`deer_diffrax.NoFallback`][]: the failure is reported) or `"sequential"`
+    ([`deer_diffrax.SequentialFallback`][]: the window is finished by the base
+    solver one substep at a time; `DeerState.num_fallbacks` records it).
 - `linear_solver`: the Lineax solver of the block-bidiagonal system of every Newton
     step and of the implicit-function-theorem solve for gradients (default
     [`deer_diffrax.AssociativeScanSolver`][]).

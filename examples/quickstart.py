@@ -72,7 +72,7 @@ def main(t1=20.0, num_windows=10, num_substeps=200):
     print(f"  max relative difference DEER vs sequential : {float(difference):.2e}")
     print(
         f"  Newton iterations per window (max / mean)  : "
-        f"{int(state.max_newton_steps)} / "
+        f"{int(state.most_newton_steps)} / "
         f"{int(state.total_newton_steps) / int(state.num_windows):.1f}"
     )
     print(f"  DeerSolver time                            : {time_deer * 1e3:.1f} ms")

@@ -71,7 +71,7 @@ def test_wrong_term_structure_rejected():
 
 def _long_van_der_pol(throw, max_newton_steps=8, damping=False):
     # One window of Van der Pol over 20 time units: undamped Newton from the constant
-    # guess overflows (DESIGN.md section 1b).
+    # guess overflows within a few iterations (measured).
     problem = PROBLEMS["van_der_pol"]
     return diffrax.diffeqsolve(
         problem.term,

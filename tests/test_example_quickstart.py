@@ -17,7 +17,7 @@ def test_quickstart(capsys):
     difference, state = quickstart.main(t1=4.0, num_windows=2, num_substeps=50)
     out = capsys.readouterr().out
     assert difference <= 1e-9
-    assert 1 <= int(state.max_newton_steps) <= 10
+    assert 1 <= int(state.most_newton_steps) <= 10
     for text in [
         "relative difference",
         "Newton iterations",

@@ -396,7 +396,7 @@ def _long_window_grad(max_newton_steps):
             # has nothing to do with the backward pass.)
             max_steps=1,
         )
-        return jnp.sum(sol.ys**2), sol.solver_state.max_newton_steps
+        return jnp.sum(sol.ys**2), sol.solver_state.most_newton_steps
 
     return jax.grad(loss, _ARGNUMS, has_aux=True)
 

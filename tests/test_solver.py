@@ -42,7 +42,8 @@ def _deer_and_sequential(problem, base, num_windows, num_substeps, **deer_kwargs
 
 # (num_windows, num_substeps): one window over the whole interval, and many windows.
 # Per problem so that each one-window solve stays within the range where Newton from
-# the constant initial guess converges (see DESIGN.md section 1b).
+# the constant initial guess converges (measured: long windows of expanding or
+# oscillatory dynamics overflow undamped Newton).
 _ONE_WINDOW = {
     "decay": (1, 300),
     "complex_linear": (1, 400),
@@ -77,7 +78,7 @@ def _check_matches_sequential(base_cls, name, layout):
     assert deer.stats["num_accepted_steps"] == num_windows
     state = deer.solver_state
     assert int(state.num_windows) == num_windows
-    assert 1 <= int(state.max_newton_steps) <= 100
+    assert 1 <= int(state.most_newton_steps) <= 100
     assert float(state.last_residual) <= 1.0
 
 

@@ -1,0 +1,93 @@
+"""Where a Newton step's Jacobian blocks come from."""
+
+import abc
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+from jaxtyping import Array, PyTree
+
+
+class AbstractLinearisation(eqx.Module):
+    """How [`deer_diffrax.DeerNewton`][] linearises the residual `F(Y)` at an
+    iterate: it returns the residual there and a linear map whose Jacobian blocks
+    (read off by the [`deer_diffrax.AbstractJacobianMode`][]) are the Newton
+    step's.
+
+    Two properties matter to the iteration:
+
+    - `exact` (class variable): the linear map is the Jacobian of `F` itself. Only
+        then is an undamped full Newton update a measure of the iterate's error;
+        otherwise the iteration is quasi-Newton and ends with one exact check.
+    - `safe_at_trials`: the linearisation may be taken at any finite trial iterate,
+        including wild ones that damping will reject. Then each trial is linearised
+        once and the accepted linearisation kept (one pass per iteration); else the
+        trial is first judged on its residual and only the accepted point is
+        linearised (two passes).
+
+    **Arguments:** none here; subclasses define their own.
+    """
+
+    exact: ClassVar[bool]
+    safe_at_trials: eqx.AbstractVar[bool]
+
+    @abc.abstractmethod
+    def linearise(
+        self, fn: Callable[[Array, Any], tuple[Array, PyTree]], y: Array, args: Any
+    ) -> tuple[Array, PyTree, Callable[[Array], Array]]:
+        """Linearise the residual at `y`.
+
+        **Arguments:**
+
+        - `fn`: the residual, `(Y, args) -> (F(Y), aux)`.
+        - `y`: the iterate, shape `(T, n)`.
+        - `args`: passed to `fn`.
+
+        **Returns:** `F(y)`, the aux output of `fn` at `y`, and the linear map
+        `dY -> J dY` whose blocks the step uses.
+        """
+
+
+class ResidualLinearisation(AbstractLinearisation):
+    """The exact Jacobian of the residual, by `jax.linearize` (residual and
+    tangent map from one pass).
+
+    **Arguments:**
+
+    - `safe_at_trials`: whether the residual can be linearised at any finite
+        iterate. `True` for explicit one-step maps and recurrence cells; `False`
+        (the default) where a substep is itself a root find (implicit base
+        methods), whose own tangent solve can fail at a wild trial point.
+    """
+
+    safe_at_trials: bool = eqx.field(static=True, default=False)
+    exact: ClassVar[bool] = True
+
+    def linearise(self, fn, y, args):
+        residual, linear_fn, aux = jax.linearize(
+            lambda _y: fn(_y, args), y, has_aux=True
+        )
+        return residual, aux, linear_fn
+
+
+class SurrogateLinearisation(AbstractLinearisation):
+    """The Jacobian of a cheaper function with the same block-bidiagonal structure
+    as the residual (for `DeerSolver(linearise="vector_field")`, the residual of an
+    Euler step of the same vector field). The residual itself is only evaluated,
+    so the iteration is quasi-Newton with the residual's root.
+
+    **Arguments:**
+
+    - `fn`: the surrogate, `(Y, args) -> G(Y)`, whose Jacobian approximates the
+        residual's. It must be safe to linearise at any finite iterate.
+    """
+
+    fn: Callable[[Array, Any], Array]
+    exact: ClassVar[bool] = False
+    safe_at_trials: ClassVar[bool] = True
+
+    def linearise(self, fn, y, args):
+        residual, aux = fn(y, args)
+        _, linear_fn = jax.linearize(lambda _y: self.fn(_y, args), y)
+        return residual, aux, linear_fn
