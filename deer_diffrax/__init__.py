@@ -35,6 +35,7 @@ from ._jacobian import (
 from ._linearisation import (
     AbstractLinearisation as AbstractLinearisation,
     ResidualLinearisation as ResidualLinearisation,
+    StepwiseLinearisation as StepwiseLinearisation,
     SurrogateLinearisation as SurrogateLinearisation,
 )
 from ._newton import DeerNewton as DeerNewton, DeerNewtonState as DeerNewtonState

@@ -153,8 +153,9 @@ class DeerNewton(optx.AbstractRootFinder):
 
     def _linearise(self, fn, y, args, struct):
         """The residual at `y`, the aux, and the Jacobian blocks there."""
-        residual, aux, linear_fn = self.linearisation.linearise(fn, y, args)
-        return residual, aux, self.jacobian.blocks(linear_fn, struct)
+        return self.linearisation.residual_and_blocks(
+            fn, y, args, self.jacobian, struct
+        )
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del options, f_struct, aux_struct, tags
@@ -360,8 +361,10 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
 - `linearisation`: where the blocks come from, an
     [`deer_diffrax.AbstractLinearisation`][]: the exact Jacobian of the residual
     ([`deer_diffrax.ResidualLinearisation`][], the default, not assumed safe at
-    trial points) or that of a cheaper surrogate
-    ([`deer_diffrax.SurrogateLinearisation`][]: quasi-Newton with the same root).
+    trial points), the exact blocks computed step by step
+    ([`deer_diffrax.StepwiseLinearisation`][]), or the Jacobian of a cheaper
+    surrogate ([`deer_diffrax.SurrogateLinearisation`][]: quasi-Newton with the same
+    root).
 """
 
 

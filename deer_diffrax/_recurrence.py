@@ -25,7 +25,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._damping import AbstractDamping
 from ._jacobian import AbstractJacobianMode, jacobian_mode
-from ._linearisation import ResidualLinearisation
+from ._linearisation import StepwiseLinearisation
 from ._lyapunov import initial_direction, trajectory_growth, vector_growth
 from ._newton import DeerNewton, solve_trajectory, TrajectorySolution
 from ._operator import shift_in
@@ -91,6 +91,26 @@ def _residual(trajectory: Array, args: tuple[_FlatCell, Array, PyTree]) -> Array
     flat_cell, h0, xs = args
     previous = shift_in(h0, trajectory)
     return trajectory - jax.vmap(flat_cell)(previous, xs)
+
+
+def _residual_and_blocks(
+    trajectory: Array, args: tuple[_FlatCell, Array, PyTree]
+) -> tuple[Array, Array]:
+    """`F(H)` and its exact blocks `J_t = df/dh (h_{t-1}, x_t)`, one forward-mode
+    Jacobian per time step (`n` JVPs of `f`, batched over time), with `f` evaluated
+    once per step for both."""
+    flat_cell, h0, xs = args
+    previous = shift_in(h0, trajectory)
+
+    def value_and_jacobian(h, x):
+        def cell(_h):
+            out = flat_cell(_h, x)
+            return out, out
+
+        return jax.jacfwd(cell, has_aux=True)(h)
+
+    blocks, values = jax.vmap(value_and_jacobian)(previous, xs)
+    return trajectory - values, blocks
 
 
 def _lyapunov_exponent(
@@ -472,7 +492,7 @@ def scan(
         linear_solver=linear_solver,
         # `f` can be linearised at any finite carry: with damping, linearise each
         # trial once and keep the accepted linearisation (one pass per iteration).
-        linearisation=ResidualLinearisation(safe_at_trials=True),
+        linearisation=StepwiseLinearisation(_residual_and_blocks, safe_at_trials=True),
     )
     solution = solve_trajectory(
         _residual, newton, guess, (flat_cell, init_flat, xs), max_newton_steps
