@@ -90,7 +90,7 @@ def timeit(fn, *args, repeats: int) -> tuple[float, float]:
 
 
 def _compose_elementwise(earlier, later):
-    # The library's `_compose` with the n x n products written as broadcast
+    # The library's `compose_affine` with the n x n products written as broadcast
     # multiply-and-sum instead of `matmul`: no batched-GEMM library call (and no
     # GEMM autotuning at compile time) for tiny blocks.
     a1, b1 = earlier

@@ -24,7 +24,7 @@ from ._operator import (
 _SMALL_BLOCK = 6
 
 
-def _compose(earlier, later):
+def compose_affine(earlier, later):
     # Affine maps x -> A x + b compose as (A2, b2) o (A1, b1) = (A2 A1, A2 b1 + b2).
     a1, b1 = earlier
     a2, b2 = later
@@ -61,14 +61,14 @@ def solve_linear_recurrence(
     if blocks.ndim == 4:
         # `n / k` independent recurrences of size `k`, batched: `O(T n k^2)` work.
         _, x = jax.lax.associative_scan(
-            _compose, (blocks, rhs.reshape(blocks.shape[:3]))
+            compose_affine, (blocks, rhs.reshape(blocks.shape[:3]))
         )
         return x.reshape(rhs.shape)
-    _, x = jax.lax.associative_scan(_compose, (blocks, rhs))
+    _, x = jax.lax.associative_scan(compose_affine, (blocks, rhs))
     return x
 
 
-def _shift_transposed(blocks):
+def shift_transposed(blocks):
     # Backward recurrence x_i = J_{i+1}^T x_{i+1} + r_i: the coefficient of step i is
     # J_{i+1}^T, and the last step has none.
     if blocks.ndim >= 3:
@@ -76,10 +76,10 @@ def _shift_transposed(blocks):
     return shift_out(blocks, jnp.zeros_like(blocks[0]))
 
 
-_ScanState: TypeAlias = tuple[Array, bool]
+ScanState: TypeAlias = tuple[Array, bool]
 
 
-class AbstractBidiagonalScanSolver(lx.AbstractLinearSolver[_ScanState]):
+class AbstractBidiagonalScanSolver(lx.AbstractLinearSolver[ScanState]):
     """What the scan solvers of unit block-bidiagonal systems share: reading the
     blocks off the operator, and transposition (the same recurrence backwards in
     time). Subclasses implement `compute`."""
@@ -113,11 +113,11 @@ class AbstractBidiagonalScanSolver(lx.AbstractLinearSolver[_ScanState]):
             "with `deer_diffrax.unit_lower_block_bidiagonal_tag`."
         )
 
-    def transpose(self, state: _ScanState, options: dict[str, Any]):
+    def transpose(self, state: ScanState, options: dict[str, Any]):
         blocks, lower = state
         return (blocks, not lower), options
 
-    def conj(self, state: _ScanState, options: dict[str, Any]):
+    def conj(self, state: ScanState, options: dict[str, Any]):
         blocks, lower = state
         return (blocks.conj(), lower), options
 
@@ -140,14 +140,14 @@ class AssociativeScanSolver(AbstractBidiagonalScanSolver):
     blocks of size `k` and `O(T n)` for diagonal ones.
     """
 
-    def compute(self, state: _ScanState, vector, options):
+    def compute(self, state: ScanState, vector, options):
         del options
         blocks, lower = state
         if lower:
             solution = solve_linear_recurrence(blocks, vector)
         else:
             backward = solve_linear_recurrence(
-                jnp.flip(_shift_transposed(blocks), 0), jnp.flip(vector, 0)
+                jnp.flip(shift_transposed(blocks), 0), jnp.flip(vector, 0)
             )
             solution = jnp.flip(backward, 0)
         return solution, lx.RESULTS.successful, {}

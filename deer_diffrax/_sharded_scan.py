@@ -12,10 +12,10 @@ from jaxtyping import Array, Inexact
 
 from ._operator import dense_blocks
 from ._scan_solve import (
-    _compose,
-    _ScanState,
-    _shift_transposed,
     AbstractBidiagonalScanSolver,
+    compose_affine,
+    ScanState,
+    shift_transposed,
 )
 
 
@@ -74,7 +74,7 @@ def _local_recurrence(blocks, rhs, *, axis_name: str, reverse: bool):
     # Prefix maps of this device's chunk (suffix maps when reversed), each taking the
     # state entering the chunk to the state at that time step.
     a_prefix, b_prefix = jax.lax.associative_scan(
-        _compose, (blocks, rhs), reverse=reverse
+        compose_affine, (blocks, rhs), reverse=reverse
     )
     # The map of the whole chunk, from every device.
     a_total = jax.lax.all_gather(a_prefix[total], axis_name)
@@ -212,7 +212,7 @@ class ShardedScanSolver(AbstractBidiagonalScanSolver):
             blocks = jax.lax.with_sharding_constraint(blocks, time_split)
         return blocks, lower
 
-    def compute(self, state: _ScanState, vector, options):
+    def compute(self, state: ScanState, vector, options):
         del options
         blocks, lower = state
         if lower:
@@ -223,7 +223,7 @@ class ShardedScanSolver(AbstractBidiagonalScanSolver):
             # The backward recurrence x_i = J_{i+1}^T x_{i+1} + r_i, scanned from the
             # end in place (flipping a sharded array would move it between devices).
             solution = _sharded_recurrence(
-                _shift_transposed(blocks),
+                shift_transposed(blocks),
                 vector,
                 self.mesh,
                 self.axis_name,
