@@ -14,7 +14,6 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 from ._damping import AbstractDamping, damping_strategy, ShrinkBlocksDamping
 from ._jacobian import AbstractJacobianMode, FullJacobian
 from ._linearisation import AbstractLinearisation, ResidualLinearisation
-from ._lyapunov import trajectory_growth
 from ._operator import BlockBidiagonalOperator, unit_lower_block_bidiagonal_tag
 from ._scan_solve import AssociativeScanSolver
 
@@ -302,8 +301,9 @@ class DeerNewton(optx.AbstractRootFinder):
             final_residual = jnp.where(keep_last, norm, state.residual_norm)
             error = self._error_estimate(state)
             num_steps = state.num_steps
-            # The exact blocks at the point the last step started from: within
-            # tolerance of the solution, so its Lyapunov exponent to first order.
+            # The exact blocks at the point the last step started from, within
+            # tolerance of the solution: to first order the solution's, for its
+            # gradient and its Lyapunov exponent.
             exact_blocks = state.anchor_blocks
         else:
             # A quasi-Newton estimate of the error is blind to what its blocks
@@ -329,16 +329,12 @@ class DeerNewton(optx.AbstractRootFinder):
             final_residual = self.scaled_norm(residual, start)
             num_steps = state.num_steps + 1
             exact_blocks = blocks
-        # `blocks[0]` couples the fixed initial state, which the residual does not
-        # differentiate: the product runs over the steps after the first.
-        growth_product, growth_scale = trajectory_growth(exact_blocks[1:])
         stats: dict[str, Any] = dict(
             final_residual_norm=final_residual,
             error_estimate=error,
             num_newton_steps=num_steps,
             num_rejected=state.num_rejected,
-            growth_product=growth_product,
-            growth_scale=growth_scale,
+            exact_blocks=exact_blocks,
         )
         return value, aux, stats
 
@@ -370,7 +366,16 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
 
 class TrajectorySolution(eqx.Module):
     """What [`deer_diffrax.DeerNewton`][] found for one trajectory (see
-    `solve_trajectory`)."""
+    `solve_trajectory`).
+
+    - `value`: the trajectory, `(T, n)`.
+    - `result`: an `optimistix.RESULTS` code.
+    - `num_steps`, `num_rejected`: Newton steps taken, trial iterates rejected.
+    - `residual_norm`, `error_estimate`: the scaled residual at `value` and Newton's
+        estimate of its error against the root (`<= 1`: converged).
+    - `blocks`: the exact Jacobian blocks `J_i` of the last exact Newton step,
+        taken within tolerance of `value` (no gradient flows through them).
+    """
 
     value: Array
     result: optx.RESULTS
@@ -378,17 +383,16 @@ class TrajectorySolution(eqx.Module):
     num_rejected: Int[Array, ""]
     residual_norm: Float[Array, ""]
     error_estimate: Float[Array, ""]
-    growth_product: Array
-    growth_scale: Float[Array, ""]
+    blocks: Array
 
 
 class _FiniteOutputSolver(lx.AbstractLinearSolver):
     """Delegates to `solver`, but never hands Lineax a non-finite solution.
 
-    Optimistix's implicit adjoint solves with `throw=True`, and Lineax raises on any
-    non-finite solution. The gradient of a failed solve must be NaN instead (as its
-    value is), which `solve_trajectory` arranges separately; here the non-finite
-    entries only need to get past Lineax.
+    Lineax solves the transposed system of a reverse-mode pass with `throw=True`,
+    and raises on any non-finite solution. The gradient of a failed solve must be
+    NaN instead (as its value is), which `solve_trajectory` arranges separately;
+    here the non-finite entries only need to get past Lineax.
     """
 
     solver: lx.AbstractLinearSolver
@@ -426,6 +430,75 @@ def _scale_tangent_jvp(primals, tangents):
     return x, t_x * factor
 
 
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+@eqx.filter_custom_jvp
+def _find_root(residual_fn, guess, args, *, newton, max_steps):
+    """The Newton solve: the root, the Optimistix result and the statistics of
+    `DeerNewton.postprocess` (exact blocks included). Differentiated by
+    `_find_root_jvp`, never through the iterations."""
+    solution = optx.root_find(
+        residual_fn,
+        newton,
+        guess,
+        args=args,
+        max_steps=max_steps,
+        # Never differentiated (`_find_root_jvp` is the derivative), so the cheapest
+        # loop: a plain while loop.
+        adjoint=optx.ImplicitAdjoint(),
+        throw=False,
+        tags=frozenset({unit_lower_block_bidiagonal_tag}),
+    )
+    stats = {key: solution.stats[key] for key in _STAT_KEYS}
+    return solution.value, solution.result, stats
+
+
+_STAT_KEYS = (
+    "final_residual_norm",
+    "error_estimate",
+    "num_newton_steps",
+    "num_rejected",
+    "exact_blocks",
+)
+
+
+@_find_root.def_jvp
+def _find_root_jvp(primals, tangents, *, newton, max_steps):
+    # The implicit function theorem: at the root `F(Y, p) = 0`, so
+    # `dY = -(dF/dY)^{-1} (dF/dp) dp`. `dF/dY` is the unit lower block-bidiagonal
+    # matrix of the blocks that the last exact Newton step built, within tolerance
+    # of the root (as the reference DEER implementation does), instead of `n`
+    # probes of the residual's linearisation at the root: that would cost another
+    # Jacobian evaluation, about a whole Newton iteration. `dF/dp dp` is one
+    # forward-mode pass of the residual at the root, which reverse mode transposes
+    # into one vector-Jacobian product; the solve is transposed into the
+    # reverse-time scan. The initial guess gets no derivative.
+    residual_fn, guess, args = primals
+    t_residual_fn, _, t_args = tangents
+    out = _find_root(residual_fn, guess, args, newton=newton, max_steps=max_steps)
+    root, _, stats = out
+    inputs, t_inputs = (residual_fn, args), (t_residual_fn, t_args)
+    no_tangent = jtu.tree_map(_is_none, t_inputs, is_leaf=_is_none)
+    nondiff, diff = eqx.partition(inputs, no_tangent, is_leaf=_is_none)
+
+    def residual_at_root(_diff):
+        _residual_fn, _args = eqx.combine(_diff, nondiff)
+        return _residual_fn(root, _args)
+
+    _, t_residual = jax.jvp(residual_at_root, (diff,), (t_inputs,))
+    operator = BlockBidiagonalOperator(jax.lax.stop_gradient(stats["exact_blocks"]))
+    t_root = -lx.linear_solve(
+        operator,
+        t_residual,
+        _FiniteOutputSolver(newton.linear_solver),
+        throw=False,
+    ).value
+    # No derivative for the result code and the statistics.
+    return out, (t_root,) + jtu.tree_map(lambda _: None, out[1:])
+
+
 def solve_trajectory(
     residual_fn: Callable[[Array, Any], Array],
     newton: DeerNewton,
@@ -434,33 +507,36 @@ def solve_trajectory(
     max_steps: int,
 ) -> TrajectorySolution:
     """Find the root of a unit lower block-bidiagonal residual `F(Y)` with `newton`,
-    differentiably (implicit function theorem, through `newton.linear_solver`).
+    differentiably (implicit function theorem, through `newton.linear_solver`, with
+    the exact blocks of the last Newton step).
 
     Never raises, forward or backward: failures are in `result`, and the derivative
     of a failed solve is NaN. A solve counts as successful only if the
     error estimate of the returned trajectory is within tolerance (after a
     quasi-Newton solve, the one given by its final exact Newton step).
+
+    **Arguments:**
+
+    - `residual_fn`: `(Y, args) -> F(Y)` on `(T, n)` trajectories.
+    - `newton`: the root finder.
+    - `guess`: where Newton starts (not differentiated).
+    - `args`: passed to `residual_fn`; differentiated.
+    - `max_steps`: the most Newton steps.
+
+    **Returns:** a `TrajectorySolution`.
     """
-    solution = optx.root_find(
-        residual_fn,
-        newton,
-        guess,
-        args=args,
-        max_steps=max_steps,
-        adjoint=optx.ImplicitAdjoint(
-            linear_solver=_FiniteOutputSolver(newton.linear_solver)
-        ),
-        throw=False,
-        tags=frozenset({unit_lower_block_bidiagonal_tag}),
+    # Whatever `residual_fn` closes over becomes an input of the custom derivative.
+    residual_fn = eqx.filter_closure_convert(residual_fn, guess, args)
+    value, result, stats = _find_root(
+        residual_fn, guess, args, newton=newton, max_steps=max_steps
     )
-    stats = solution.stats
     error = stats["error_estimate"]
     residual = stats["final_residual_norm"]
-    successful = solution.result == optx.RESULTS.successful
+    successful = result == optx.RESULTS.successful
     result = optx.RESULTS.where(
         successful & ~(error <= 1),
         optx.RESULTS.nonlinear_max_steps_reached,
-        solution.result,
+        result,
     )
     result = optx.RESULTS.where(
         (result == optx.RESULTS.successful) & ~jnp.isfinite(residual),
@@ -470,17 +546,14 @@ def solve_trajectory(
     # A failed solve has no meaningful derivative: make it NaN, like a failed
     # sequential solve's, rather than whatever the adjoint solve made of it.
     nan_if_failed = jax.lax.stop_gradient(
-        jnp.where(result == optx.RESULTS.successful, 1, jnp.nan).astype(
-            solution.value.dtype
-        )
+        jnp.where(result == optx.RESULTS.successful, 1, jnp.nan).astype(value.dtype)
     )
     return TrajectorySolution(
-        value=_scale_tangent(solution.value, nan_if_failed),
+        value=_scale_tangent(value, nan_if_failed),
         result=result,
         num_steps=jnp.asarray(stats["num_newton_steps"], dtype=jnp.int32),
         num_rejected=jnp.asarray(stats["num_rejected"], dtype=jnp.int32),
         residual_norm=residual,
         error_estimate=error,
-        growth_product=jax.lax.stop_gradient(stats["growth_product"]),
-        growth_scale=jax.lax.stop_gradient(stats["growth_scale"]),
+        blocks=jax.lax.stop_gradient(stats["exact_blocks"]),
     )
