@@ -116,19 +116,50 @@ def _residual_and_blocks(
 def _lyapunov_exponent(
     flat_cell: _FlatCell, init_flat: Array, xs: PyTree, solution: TrajectorySolution
 ) -> Float[Array, ""]:
-    """Per step, from Newton's product of the Jacobians of steps `2..T` and the
-    first step's Jacobian (not in Newton's blocks: `h_0` is fixed)."""
+    """Per step, from the product of Newton's exact Jacobians of steps `2..T` and
+    the first step's Jacobian (not in Newton's blocks: `h_0` is fixed)."""
     x_first = jtu.tree_map(lambda x: x[0], xs)
     first = jax.lax.stop_gradient(
         jax.jacfwd(lambda h: flat_cell(h, x_first))(init_flat)
     )
-    product, growth = trajectory_growth(jnp.stack([first, solution.growth_product]))
+    # `blocks[0]` couples the fixed initial state, which the residual does not
+    # differentiate: Newton's product runs over the steps after the first.
+    later, later_scale = trajectory_growth(solution.blocks[1:])
+    product, growth = trajectory_growth(jnp.stack([first, later]))
     growth, _ = vector_growth(
         product,
-        growth + solution.growth_scale,
+        growth + later_scale,
         initial_direction(init_flat.shape[0], init_flat.dtype),
     )
     return growth / solution.value.shape[0]
+
+
+def _carry_sources(
+    f: Callable, init: PyTree, x_example: PyTree, y_struct: PyTree
+) -> list[tuple[str, int] | None]:
+    """For each leaf of the output `y` of `f(carry, x) -> (new_carry, y)`:
+    `("new", j)` if it is leaf `j` of `new_carry` itself, `("previous", j)` if it
+    is leaf `j` of the `carry` argument passed through, else `None`. Read off the
+    traced program (the same variable), so it holds for every input. A `y` with
+    a leaf that is not an array gets `None` everywhere."""
+    closed, out_dynamic, _ = eqx.filter_make_jaxpr(f)(init, x_example)
+    jaxpr = closed.jaxpr
+    num_carry = len(jtu.tree_leaves(init))
+    y_leaves = jtu.tree_leaves(out_dynamic[1])
+    num_y = len(jtu.tree_leaves(y_struct))
+    if len(y_leaves) != num_y or len(jaxpr.outvars) != num_carry + num_y:
+        return [None] * num_y
+    new_carry = jaxpr.outvars[:num_carry]
+    carry_in = jaxpr.invars[:num_carry]
+
+    def source(var):
+        for kind, variables in (("new", new_carry), ("previous", carry_in)):
+            for j, candidate in enumerate(variables):
+                if var is candidate:
+                    return kind, j
+        return None
+
+    return [source(var) for var in jaxpr.outvars[num_carry:]]
 
 
 def _structure(tree: PyTree) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
@@ -499,7 +530,6 @@ def scan(
     )
     trajectory = solution.value
     result = solution.result
-    lyapunov_exponent = _lyapunov_exponent(flat_cell, init_flat, xs, solution)
     if throw:
         max_steps_reached = result == optx.RESULTS.nonlinear_max_steps_reached
         trajectory = eqx.error_if(trajectory, max_steps_reached, _MAX_STEPS_MESSAGE)
@@ -510,11 +540,30 @@ def scan(
     final_carry = jtu.tree_map(lambda h: h[-1], carries)
     y_leaves, y_treedef = jtu.tree_flatten(y_struct)
     if y_leaves:
-        # The outputs at the converged carries, all steps at once. This calls `f`
-        # itself (not its closure conversion), so gradients reach what `f` closes
-        # over directly, and the carries through the implicit adjoint above.
         previous = jtu.tree_map(shift_in, init, carries)
-        ys = jax.vmap(lambda h, x: f(h, x)[1])(previous, xs)
+        sources = _carry_sources(f, init, x_example, y_struct)
+        if all(source is not None for source in sources):
+            computed = [None] * len(sources)
+        else:
+            # The outputs at the converged carries, all steps at once. This calls
+            # `f` itself (not its closure conversion), so gradients reach what `f`
+            # closes over directly, and the carries through the implicit adjoint
+            # above.
+            ys = jax.vmap(lambda h, x: f(h, x)[1])(previous, xs)
+            computed = jtu.tree_leaves(ys)
+        # Outputs that are a carry leaf (`return h, h` collects the carries) are
+        # read off the carries: no evaluation of `f`, and their gradient is the
+        # implicit adjoint's alone. (Exactly what `f` returns there, up to the
+        # Newton tolerance; and `ys[-1]` is `final_carry`, as for `jax.lax.scan`.)
+        candidates = {
+            "new": jtu.tree_leaves(carries),
+            "previous": jtu.tree_leaves(previous),
+        }
+        y_leaves = [
+            leaf if source is None else candidates[source[0]][source[1]]
+            for leaf, source in zip(computed, sources, strict=True)
+        ]
+        ys = jtu.tree_unflatten(y_treedef, y_leaves)
         if reverse:
             ys = jtu.tree_map(lambda y: jnp.flip(y, 0), ys)
     else:
@@ -528,7 +577,9 @@ def scan(
         num_rejected=solution.num_rejected,
         residual_norm=solution.residual_norm,
         error_estimate=solution.error_estimate,
-        lyapunov_exponent=lyapunov_exponent,
+        # Computed only here: the tree product costs about half an associative
+        # scan of the blocks.
+        lyapunov_exponent=_lyapunov_exponent(flat_cell, init_flat, xs, solution),
         result=result,
     )
     return (final_carry, ys), stats

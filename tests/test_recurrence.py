@@ -288,6 +288,66 @@ def test_gradients_of_final_carry_and_outputs_match_lax_scan(reverse):
     assert max_relative_difference(init_grad, expected_init) <= 1e-10
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_outputs_that_are_carries_match_lax_scan_with_gradients(reverse):
+    # `y` made of carry leaves (the new `h`, the previous `c`) and a computed
+    # output: the first two are read off the carries, and every gradient (the
+    # parameters, the inputs, the initial carry; reverse and forward mode) must
+    # still be `jax.lax.scan`'s, in float64.
+    f, params, init, xs = _lstm_with_outputs(jr.PRNGKey(21))
+
+    def step(params, carry, x):
+        (h, c), ys = f(params, carry, x)
+        return (h, c), (h, carry[1], ys["proj"])
+
+    weights = jr.normal(jr.PRNGKey(22), (3, SHORT_T, HIDDEN_SIZE))
+
+    def loss(diff_args, scan_fn):
+        params, init, xs = diff_args
+        (h, c), (hs, previous_cs, proj) = scan_fn(
+            lambda carry, x: step(params, carry, x), init, xs
+        )
+        return (
+            jnp.sum(weights[0] * jnp.sin(hs))
+            + jnp.sum(weights[1] * previous_cs**2)
+            + jnp.sum(jnp.tanh(proj))
+            + jnp.sum(c)
+        )
+
+    lax_scan = lambda f, init, xs: jax.lax.scan(f, init, xs, reverse=reverse)
+    deer_scan = lambda f, init, xs: deer_diffrax.scan(f, init, xs, reverse=reverse)
+    diff_args = (params, init, xs)
+    assert xs.dtype == jnp.float64
+    expected = eqx.filter_jit(eqx.filter_grad(loss))(diff_args, lax_scan)
+    actual = eqx.filter_jit(eqx.filter_grad(loss))(diff_args, deer_scan)
+    for got, want in zip(
+        jax.tree_util.tree_leaves(actual),
+        jax.tree_util.tree_leaves(expected),
+        strict=True,
+    ):
+        assert max_relative_difference(got, want) <= 1e-9
+
+    # Forward mode along a random direction of the inputs and the initial carry.
+    tangent = jax.tree_util.tree_map(
+        lambda x: jr.normal(jr.PRNGKey(23), x.shape, x.dtype), (init, xs)
+    )
+
+    def outputs(init, xs, scan_fn):
+        return scan_fn(lambda carry, x: step(params, carry, x), init, xs)
+
+    want_out, want_tangent = jax.jvp(
+        lambda i, x: outputs(i, x, lax_scan), (init, xs), tangent
+    )
+    got_out, got_tangent = jax.jvp(
+        lambda i, x: outputs(i, x, deer_scan), (init, xs), tangent
+    )
+    assert max_relative_difference(got_out, want_out) <= 1e-10
+    assert max_relative_difference(got_tangent, want_tangent) <= 1e-9
+    # As for `jax.lax.scan`, the last collected carry is the final carry.
+    (h, _), (hs, _, _) = got_out
+    assert jnp.array_equal(hs[0 if reverse else -1], h)
+
+
 def test_outputs_none_and_unroll_accepted():
     cell, init = _gru_cell()
     xs = _inputs(jr.PRNGKey(13), SHORT_T)
