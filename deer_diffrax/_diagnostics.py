@@ -28,14 +28,15 @@ class DeerDiagnostics(eqx.Module):
     - `lyapunov_exponent`: the largest Lyapunov exponent of the dynamics along the
         solution, per unit time: the growth rate of a perturbation carried through
         the exact Jacobians of every substep of the accepted windows (NaN before
-        the first window). Negative: perturbations decay and Newton converges in
-        a few iterations at any window length. Positive: a window of length `L`
-        amplifies them by about `exp(lyapunov_exponent * L)`, and Newton needs
-        more iterations the larger that is (see the docs page "Will DEER be fast
-        on my problem?").
+        the first window; `None` if the solver was not asked for it: build it
+        with `DeerSolver(..., estimate_lyapunov=True)`). Negative: perturbations
+        decay and Newton converges in a few iterations at any window length.
+        Positive: a window of length `L` amplifies them by about
+        `exp(lyapunov_exponent * L)`, and Newton needs more iterations the larger
+        that is (see the docs page "Will DEER be fast on my problem?").
     - `last_window_growth`: `LLE x window length` of the last window (the
         logarithm of the norm of the product of its substep Jacobians, at its final
-        iterate, converged or not).
+        iterate, converged or not); `None` when `lyapunov_exponent` is.
     """
 
     num_windows: int
@@ -48,21 +49,30 @@ class DeerDiagnostics(eqx.Module):
     last_residual: float
     num_rejected: int
     num_fallbacks: int
-    lyapunov_exponent: float
-    last_window_growth: float
+    lyapunov_exponent: float | None
+    last_window_growth: float | None
 
     def __str__(self):
         histogram = ", ".join(
             f"{k}: {v}" for k, v in sorted(self.newton_steps_histogram.items())
         )
+        if self.lyapunov_exponent is None:
+            lyapunov = (
+                "largest Lyapunov exponent not estimated (build the solver with "
+                "`DeerSolver(..., estimate_lyapunov=True)` to get it)."
+            )
+        else:
+            lyapunov = (
+                f"largest Lyapunov exponent {self.lyapunov_exponent:.3g} per unit time."
+            )
         return (
             f"DeerSolver: {self.num_windows} windows ({self.total_substeps} "
             "substeps), Newton iterations per window "
             f"mean {self.mean_newton_steps:.2f} / max {self.most_newton_steps} "
             f"(iterations: windows = {{{histogram}}}); last error estimate "
             f"{self.last_error_estimate:.2e} of tolerance; {self.num_rejected} "
-            f"damping rejections; {self.num_fallbacks} sequential fallbacks; largest "
-            f"Lyapunov exponent {self.lyapunov_exponent:.3g} per unit time."
+            f"damping rejections; {self.num_fallbacks} sequential fallbacks; "
+            + lyapunov
             + (
                 " The last window did not converge; where the Lyapunov exponent is "
                 "positive the dynamics are chaotic and shorter windows (smaller "
@@ -105,6 +115,14 @@ def diagnostics(solution_or_state: "diffrax.Solution | DeerState") -> DeerDiagno
     windows = int(state.num_windows)
     total = int(state.total_newton_steps)
     histogram = np.asarray(state.newton_steps_histogram)
+    if state.lyapunov_growth is None:
+        lyapunov_exponent = last_window_growth = None
+    elif float(state.lyapunov_time) != 0:
+        lyapunov_exponent = float(state.lyapunov_growth / state.lyapunov_time)
+        last_window_growth = float(state.last_window_growth)
+    else:
+        lyapunov_exponent = float("nan")
+        last_window_growth = float(state.last_window_growth)
     return DeerDiagnostics(
         num_windows=windows,
         total_substeps=int(state.total_substeps),
@@ -118,8 +136,6 @@ def diagnostics(solution_or_state: "diffrax.Solution | DeerState") -> DeerDiagno
         last_residual=float(state.last_residual),
         num_rejected=int(state.num_rejected),
         num_fallbacks=int(state.num_fallbacks),
-        lyapunov_exponent=float(state.lyapunov_growth / state.lyapunov_time)
-        if float(state.lyapunov_time) != 0
-        else float("nan"),
-        last_window_growth=float(state.last_window_growth),
+        lyapunov_exponent=lyapunov_exponent,
+        last_window_growth=last_window_growth,
     )

@@ -78,7 +78,8 @@ class DeerState(eqx.Module):
         vector carried through the Jacobians of all substeps of the accepted
         windows, and the time they span; their ratio estimates the largest
         Lyapunov exponent of the dynamics along the solution (see
-        [`deer_diffrax.diagnostics`][]).
+        [`deer_diffrax.diagnostics`][]). `None` unless the solver was built with
+        `estimate_lyapunov=True`, as are the next two.
     - `lyapunov_direction`: that vector, normalised, after the last accepted window.
     - `last_window_growth`: the logarithm of the (Frobenius) norm of the product of
         the substep Jacobians of the last window, at its final iterate:
@@ -102,12 +103,21 @@ class DeerState(eqx.Module):
     num_fallbacks: Int[Array, ""]
     total_substeps: Int[Array, ""]
     substep_size: Real[Array, ""]
-    lyapunov_growth: Float[Array, ""]
-    lyapunov_time: Real[Array, ""]
-    lyapunov_direction: Float[Array, " n"]
-    last_window_growth: Float[Array, ""]
+    lyapunov_growth: Float[Array, ""] | None
+    lyapunov_time: Real[Array, ""] | None
+    lyapunov_direction: Float[Array, " n"] | None
+    last_window_growth: Float[Array, ""] | None
     previous: tuple[Array, Array] | None
     base_state: PyTree | None
+
+
+# The Lyapunov fields of a `DeerState` whose solver does not estimate the exponent.
+_NO_LYAPUNOV = dict(
+    lyapunov_growth=None,
+    lyapunov_time=None,
+    lyapunov_direction=None,
+    last_window_growth=None,
+)
 
 
 def _nan_floats_as_arrays(args: PyTree) -> PyTree:
@@ -196,6 +206,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     fallback: AbstractFallback
     linear_solver: lx.AbstractLinearSolver
     linearise: str = eqx.field(static=True)
+    estimate_lyapunov: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -211,6 +222,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         fallback: "str | None | AbstractFallback" = None,
         linear_solver: lx.AbstractLinearSolver | None = None,
         linearise: str = "auto",
+        estimate_lyapunov: bool = False,
     ):
         if base_solver is None:
             base_solver = diffrax.Tsit5()
@@ -263,6 +275,11 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             cheap = explicit and isinstance(self.jacobian, DiagonalJacobian)
             linearise = "vector_field" if cheap else "step"
         self.linearise = linearise
+        if not isinstance(estimate_lyapunov, bool):
+            raise ValueError(
+                f"`estimate_lyapunov` must be True or False; got {estimate_lyapunov!r}."
+            )
+        self.estimate_lyapunov = estimate_lyapunov
 
     # As a wrapped solver, Diffrax's `isinstance` checks (implicit? Ito? SDE-safe
     # with adaptive steps?) see the base solver, and an implicit base solver's root
@@ -318,6 +335,15 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         # one between steps.
         y_start, _ = real_ravel(_unknowns(y0, base_state))
         time_dtype = jnp.result_type(t0, t1)
+        if self.estimate_lyapunov:
+            lyapunov = dict(
+                lyapunov_growth=jnp.array(0.0, dtype=y_start.dtype),
+                lyapunov_time=jnp.array(0.0, dtype=time_dtype),
+                lyapunov_direction=initial_direction(y_start.shape[0], y_start.dtype),
+                last_window_growth=jnp.array(0.0, dtype=y_start.dtype),
+            )
+        else:
+            lyapunov = _NO_LYAPUNOV
         if self.initial_guess.needs_previous:
             previous = (constant_guess(y_start, self.num_substeps), y_start)
         else:
@@ -336,12 +362,9 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             num_fallbacks=zero,
             total_substeps=zero,
             substep_size=jnp.array(jnp.nan, dtype=time_dtype),
-            lyapunov_growth=jnp.array(0.0, dtype=y_start.dtype),
-            lyapunov_time=jnp.array(0.0, dtype=time_dtype),
-            lyapunov_direction=initial_direction(y_start.shape[0], y_start.dtype),
-            last_window_growth=jnp.array(0.0, dtype=y_start.dtype),
             previous=previous,
             base_state=base_state,
+            **lyapunov,
         )
 
     def step(
@@ -458,30 +481,17 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
                 lambda e: jnp.where(ok, e, jnp.inf), worst_substep_error(errors)
             )
 
-        # The first substep's Jacobian is not in Newton's blocks (its start is
-        # fixed): one small forward-mode Jacobian completes the window's product.
-        first_jacobian = jax.lax.stop_gradient(
-            jax.jacfwd(lambda y: substep_state(y, ts[0], ts[1]))(y_start)
-        )
-        window_product, window_growth = trajectory_growth(
-            jnp.stack([first_jacobian, solution.growth_product])
-        )
-        window_growth = window_growth + solution.growth_scale
-        direction_growth, direction = vector_growth(
-            window_product, window_growth, solver_state.lyapunov_direction
-        )
-        # Only windows that Newton solved count: a failed window's iterate is not
-        # the solution (nor are its blocks those of a fallback's trajectory), and a
-        # NaN would spoil every later estimate.
-        counts = ok & jnp.invert(fell_back) & jnp.isfinite(direction_growth)
-        lyapunov_growth = solver_state.lyapunov_growth + jnp.where(
-            counts, direction_growth, 0
-        ).astype(solver_state.lyapunov_growth.dtype)
-        lyapunov_time = solver_state.lyapunov_time + jnp.where(
-            counts, jnp.abs(ts[-1] - ts[0]), 0
-        ).astype(solver_state.lyapunov_time.dtype)
-        direction = jnp.where(counts, direction, solver_state.lyapunov_direction)
-
+        if self.estimate_lyapunov:
+            lyapunov = self._lyapunov_update(
+                solver_state,
+                solution.blocks,
+                substep_state,
+                y_start,
+                ts,
+                ok & jnp.invert(fell_back),
+            )
+        else:
+            lyapunov = _NO_LYAPUNOV
         residual = newton.scaled_norm(trajectory - mapped, mapped)
         newton_steps = solution.num_steps
         rejected = solution.num_rejected
@@ -501,20 +511,60 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             num_fallbacks=solver_state.num_fallbacks + num_fallbacks,
             total_substeps=solver_state.total_substeps + grid.num_active,
             substep_size=_next_substep_size(grid, solver_state.substep_size.dtype),
-            lyapunov_growth=lyapunov_growth,
-            lyapunov_time=lyapunov_time,
-            lyapunov_direction=direction.astype(solver_state.lyapunov_direction.dtype),
-            last_window_growth=window_growth.astype(
-                solver_state.last_window_growth.dtype
-            ),
             previous=None if solver_state.previous is None else (trajectory, y_start),
             base_state=base_state,
+            **lyapunov,
         )
         # The count travels as a time (Diffrax pads dense information with inf,
         # which an integer cannot hold).
         num_active = grid.num_active.astype(ts.dtype)
         dense_info = dict(ts=ts, num_active=num_active, infos=dense_infos)
         return y1, y_error, dense_info, new_state, result
+
+    def _lyapunov_update(
+        self,
+        solver_state: DeerState,
+        blocks: Array,
+        substep_state: Callable,
+        y_start: Array,
+        ts: Array,
+        counts: Array,
+    ) -> dict[str, Array]:
+        """The `DeerState` fields of the Lyapunov estimate after this window, from
+        Newton's exact blocks of substeps `2..T` and the first substep's Jacobian.
+        Only a window that `counts` (solved by Newton) adds to the estimate."""
+        # The first substep's Jacobian is not in Newton's blocks (its start is
+        # fixed): one small forward-mode Jacobian completes the window's product.
+        first_jacobian = jax.lax.stop_gradient(
+            jax.jacfwd(lambda y: substep_state(y, ts[0], ts[1]))(y_start)
+        )
+        later, later_scale = trajectory_growth(blocks[1:])
+        window_product, window_growth = trajectory_growth(
+            jnp.stack([first_jacobian, later])
+        )
+        window_growth = window_growth + later_scale
+        direction_growth, direction = vector_growth(
+            window_product, window_growth, solver_state.lyapunov_direction
+        )
+        # Only windows that Newton solved count: a failed window's iterate is not
+        # the solution (nor are its blocks those of a fallback's trajectory), and a
+        # NaN would spoil every later estimate.
+        counts = counts & jnp.isfinite(direction_growth)
+        growth = solver_state.lyapunov_growth
+        time = solver_state.lyapunov_time
+        old_direction = solver_state.lyapunov_direction
+        return dict(
+            lyapunov_growth=growth
+            + jnp.where(counts, direction_growth, 0).astype(growth.dtype),
+            lyapunov_time=time
+            + jnp.where(counts, jnp.abs(ts[-1] - ts[0]), 0).astype(time.dtype),
+            lyapunov_direction=jnp.where(counts, direction, old_direction).astype(
+                old_direction.dtype
+            ),
+            last_window_growth=window_growth.astype(
+                solver_state.last_window_growth.dtype
+            ),
+        )
 
     def func(self, terms, t0, y0, args):
         return self.base_solver.func(terms, t0, y0, args)
@@ -588,4 +638,9 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
     `"vector_field"` for `jacobian="diagonal"` with an explicit base solver (same
     iteration counts, several times cheaper), else `"step"`. Gradients always use
     the exact Jacobian.
+- `estimate_lyapunov`: also estimate the largest Lyapunov exponent of the dynamics
+    along the solution from Newton's exact Jacobian blocks, read with
+    [`deer_diffrax.diagnostics`][] (default `False`: the estimate costs a tree
+    product of every window's blocks, about half an associative scan, and
+    `diagnostics` then reports it as not estimated).
 """

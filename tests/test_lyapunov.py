@@ -15,6 +15,7 @@ def _solve(vector_field, y0, t1, window, substeps_per_unit, jacobian="full"):
         diffrax.Tsit5(),
         num_substeps=int(round(window * substeps_per_unit)),
         jacobian=jacobian,
+        estimate_lyapunov=True,
     )
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(vector_field),
@@ -107,3 +108,32 @@ def test_contracting_rnn_scan():
     exponent = float(stats.lyapunov_exponent)
     assert sequential < -0.3
     assert abs(exponent - sequential) < 0.02 * abs(sequential) + 0.01
+
+
+def test_not_estimated_unless_asked():
+    # Off by default: the diagnostics say so rather than report a number, and the
+    # rest of the solve is the same as with the estimate.
+    term = diffrax.ODETerm(lambda t, y, args: -y)
+    solves = {}
+    for estimate in (False, True):
+        solver = deer_diffrax.DeerSolver(num_substeps=20, estimate_lyapunov=estimate)
+        sol = diffrax.diffeqsolve(
+            term,
+            solver,
+            0.0,
+            2.0,
+            1.0,
+            jnp.array([1.0, 2.0]),
+            saveat=diffrax.SaveAt(t1=True, solver_state=True),
+        )
+        solves[estimate] = (sol.ys, deer_diffrax.diagnostics(sol))
+    ys_off, off = solves[False]
+    ys_on, on = solves[True]
+    assert off.lyapunov_exponent is None and off.last_window_growth is None
+    assert "not estimated" in str(off) and "estimate_lyapunov=True" in str(off)
+    # dy/dt = -y: the exponent is -1.
+    assert abs(on.lyapunov_exponent + 1) < 1e-3
+    assert jnp.array_equal(ys_off, ys_on)
+    assert off.total_newton_steps == on.total_newton_steps
+    with pytest.raises(ValueError, match="estimate_lyapunov"):
+        deer_diffrax.DeerSolver(estimate_lyapunov="yes")

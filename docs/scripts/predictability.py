@@ -91,6 +91,7 @@ def ode_points():
                 diffrax.Tsit5(),
                 num_substeps=int(100 * length),
                 max_newton_steps=MAX_STEPS,
+                estimate_lyapunov=True,
             )
             sol = diffrax.diffeqsolve(
                 diffrax.ODETerm(field),
