@@ -24,7 +24,10 @@ Tasks:
     so they include each method's discretisation error.
 
 `fwd` is the solve; `fwd+bwd` is `jax.value_and_grad` of the mean square of the
-states with respect to the parameters (errors then compare the gradients). Both
+states with respect to the parameters (errors then compare the gradients). The timed
+deer-diffrax GRU call is `deer_diffrax.scan(step, h0, xs)` with its defaults (no
+statistics, so no Lyapunov estimate); its Newton iterations come from a separate,
+untimed call with `return_stats=True`. Both
 DEER codes run at their default tolerances. Timing: every function compiled ahead
 of time and run once, then `--repeats` interleaved rounds (each round runs every
 solver once, so load changes hit all alike); the table shows the fastest round and
@@ -176,13 +179,16 @@ def gru_solvers(static, h0):
 
         return jax.lax.scan(step, h0, xs)[1], jnp.asarray(0)
 
-    def ours(params, xs):
+    def ours(params, xs, return_stats=False):
         gru = cell(params)
 
         def step(h, x):
             h = gru(x, h)
             return h, h
 
+        if not return_stats:
+            # What a user calls: no statistics (so no Lyapunov estimate).
+            return deer_diffrax.scan(step, h0, xs)[1], jnp.asarray(-1)
         (_, states), stats = deer_diffrax.scan(
             step, h0, xs, throw=False, return_stats=True
         )
@@ -198,7 +204,11 @@ def gru_solvers(static, h0):
     def reference_solver(params, xs):
         return reference(params, xs), jnp.asarray(0)
 
-    return dict(lax_scan=lax_scan, ours=ours, reference=reference_solver), reference
+    solvers = dict(lax_scan=lax_scan, ours=ours, reference=reference_solver)
+    # The timed call returns no statistics; the iterations come from an untimed
+    # call that does.
+    count = jax.jit(lambda params, xs: ours(params, xs, return_stats=True)[1])
+    return solvers, reference, count
 
 
 # --------------------------------------------------------------------------------------
@@ -260,7 +270,8 @@ def ode_solvers(num_steps: int, dtype):
         return reference(params, data)[-1:], jnp.asarray(0)
 
     solvers = dict(lax_scan=sequential, ours=ours, reference=reference_solver)
-    return solvers, reference, fine
+    count = jax.jit(lambda params, data: ours(params, data)[1])
+    return solvers, reference, fine, count
 
 
 # --------------------------------------------------------------------------------------
@@ -298,8 +309,11 @@ def measure_row(
     params,
     exact,
     repeats,
+    count_iterations,
 ):
-    """Times the three solvers of one configuration and returns the table row."""
+    """Times the three solvers of one configuration and returns the table row.
+    `count_iterations(params, data)` gives deer-diffrax's Newton iterations
+    (untimed)."""
     fns = {
         name: (solve if pass_ == "fwd" else with_grad(solve))
         for name, solve in solvers.items()
@@ -311,12 +325,10 @@ def measure_row(
     times, outputs = time_interleaved(calls, repeats)
     if pass_ == "fwd":
         values = {name: out[0] for name, out in outputs.items()}
-        iterations = int(outputs["ours"][1])
-        target = values["lax_scan"] if exact is None else exact
     else:
         values = {name: out[1] for name, out in outputs.items()}
-        iterations = int(outputs["ours"][0][1])
-        target = values["lax_scan"] if exact is None else exact
+    target = values["lax_scan"] if exact is None else exact
+    iterations = int(count_iterations(params, data))
     key = (task, size, num_steps, dtype)
     if key not in _REFERENCE_ITERATIONS:
         converged = jax.jit(reference)(params, data)
@@ -347,7 +359,7 @@ def gru_rows(args):
         for hidden in args.hidden:
             gru = eqx.nn.GRUCell(4, hidden, dtype=dtype, key=jax.random.PRNGKey(0))
             params, static = eqx.partition(gru, eqx.is_array)
-            solvers, reference = gru_solvers(static, jnp.zeros(hidden, dtype))
+            solvers, reference, count = gru_solvers(static, jnp.zeros(hidden, dtype))
             for num_steps in args.lengths:
                 xs = jax.random.normal(
                     jax.random.PRNGKey(num_steps), (num_steps, 4), dtype
@@ -365,6 +377,7 @@ def gru_rows(args):
                         params,
                         None,
                         args.repeats,
+                        count,
                     )
 
 
@@ -375,7 +388,7 @@ def ode_rows(args):
         weights = jnp.linalg.qr(jax.random.normal(key_w, (_ODE_SIZE, _ODE_SIZE)))[0]
         params = (weights.astype(dtype), jnp.asarray(2.0, dtype))
         for num_steps in [t for t in args.lengths if t <= 10000]:
-            solvers, reference, fine = ode_solvers(num_steps, dtype)
+            solvers, reference, fine, count = ode_solvers(num_steps, dtype)
             for pass_ in args.passes:
                 if pass_ == "fwd":
                     exact = fine(params)
@@ -393,6 +406,7 @@ def ode_rows(args):
                     params,
                     exact,
                     args.repeats,
+                    count,
                 )
 
 
