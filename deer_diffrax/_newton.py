@@ -41,8 +41,9 @@ class DeerNewtonState(eqx.Module):
         trial iterate is linearised directly (a linearisation that is safe at trial
         points), so that a rejected trial costs no re-evaluation (else `None`).
     - `anchor_blocks`: the (undamped) Jacobian blocks at `anchor`: what a rejected
-        trial restarts from, and, after the last step, the linearisation from which
-        `postprocess` estimates the Lyapunov exponent of the solution.
+        trial restarts from, and, after the last step, the exact linearisation that
+        `postprocess` returns for the implicit gradient (and the Lyapunov estimate)
+        of the solution.
     """
 
     residual_norm: Float[Array, ""]

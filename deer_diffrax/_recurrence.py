@@ -366,15 +366,18 @@ def scan(
     converged, `ys` is one parallel evaluation (a `jax.vmap`) of `f` at the previous
     carries `h_0, ..., h_{T-1}` and the inputs, so each `y_t` is exactly what `f`
     returns at the converged carries, and `ys` may be any pytree (integers included,
-    or `None`), unrelated to the carry. The carries must be floating or complex.
+    or `None`), unrelated to the carry. Outputs that are a leaf of the carry itself
+    (a step returning `(h, h)` collects the carries) are the converged carries,
+    with no evaluation at all. The carries must be floating or complex.
 
     Gradients (reverse or forward mode, of `final_carry` and `ys`, with respect to
     `init`, `xs` and anything `f` closes over, e.g. its parameters) reach the carries
     through the implicit function theorem: one reverse-time associative scan with the
     exact transposed Jacobian, whatever `jacobian` is; nothing is differentiated
-    through the Newton iterations. Gradients through `ys` then differentiate that
-    last plain evaluation of `f`. Works under `jax.jit` and `jax.vmap` (a batch of
-    sequences is a `vmap` over `init` and `xs`).
+    through the Newton iterations; the transposed Jacobian is that of the last
+    Newton step, taken within tolerance of the solution. Gradients through `ys`
+    then differentiate that last plain evaluation of `f`. Works under `jax.jit`
+    and `jax.vmap` (a batch of sequences is a `vmap` over `init` and `xs`).
 
     Newton's cost per iteration is `T` evaluations of the Jacobian of `f` with
     respect to the carry (`n` JVPs each, for a carry of `n` real numbers) and, for
@@ -449,7 +452,8 @@ def scan(
         and the failure is only reported in the stats, so `return_stats=True` is
         then required.
     - `return_stats`: also return a [`deer_diffrax.ScanStats`][] with the Newton
-        iteration count, the final residual and the result code.
+        iteration count, the final residual, the result code and the Lyapunov
+        exponent (computed only then).
     - `linear_solver`: the Lineax solver of the linearised recurrences (Newton steps
         and gradients); default [`deer_diffrax.AssociativeScanSolver`][].
 
