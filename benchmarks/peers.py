@@ -9,6 +9,7 @@ The reference is not on PyPI: pass the folder of a checkout of machine-discovery
     python benchmarks/peers.py --reference PATH            # default grid
     python benchmarks/peers.py --reference PATH --quick    # a few minutes on 2 cores
     python benchmarks/peers.py --reference PATH --full     # hidden 8/32/64, T 1e3..1e5
+    python benchmarks/peers.py --reference PATH --ode --no-gru   # the ODE task alone
 
 Tasks:
 
@@ -27,12 +28,11 @@ Tasks:
 states with respect to the parameters (errors then compare the gradients). The timed
 deer-diffrax GRU call is `deer_diffrax.scan(step, h0, xs)` with its defaults (no
 statistics, so no Lyapunov estimate); its Newton iterations come from a separate,
-untimed call with `return_stats=True`. Both
-DEER codes run at their default tolerances. Timing: every function compiled ahead
-of time and run once, then `--repeats` interleaved rounds (each round runs every
-solver once, so load changes hit all alike); the table shows the fastest round and
-ratios
-(`> 1`: deer-diffrax is slower). The reference does not report its iteration
+untimed call with `return_stats=True`. Both DEER codes run at their default
+tolerances. Timing: every function compiled ahead of time and run once, then
+`--repeats` interleaved rounds (each round runs every solver once, so load changes
+hit all alike); the table shows the fastest round and ratios (`> 1`: deer-diffrax is
+slower). The reference does not report its iteration
 count: it is found as the smallest `max_iter` that reproduces its converged result
 bit for bit.
 
@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--ode", action="store_true", help="also the ODE task")
+    parser.add_argument(
+        "--no-gru", action="store_true", help="skip the GRU task (with --ode)"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -422,7 +425,9 @@ def main(args) -> None:
     print(header_text)
     rows = []
     out = args.out or HERE / "results" / f"peers_{jax.default_backend()}.md"
-    generators = [gru_rows(args)] + ([ode_rows(args)] if args.ode else [])
+    generators = ([] if args.no_gru else [gru_rows(args)]) + (
+        [ode_rows(args)] if args.ode else []
+    )
     for generator in generators:
         for row in generator:
             rows.append(row)
