@@ -260,7 +260,7 @@ def ode_solvers(num_steps: int, dtype):
     def ours(params, _):
         solver = deer_diffrax.DeerSolver(diffrax.Tsit5(), num_substeps=num_steps)
         sol = diffrax_solve(params, solver, t1, 2, solver_state=True)
-        return sol.ys, sol.solver_state.max_newton_steps
+        return sol.ys, sol.solver_state.most_newton_steps
 
     def reference(params, _, max_iter=None):
         method = None if max_iter is None else deer.fsolve_ivp.DEER(max_iter=max_iter)
