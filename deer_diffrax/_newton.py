@@ -222,8 +222,9 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected = state.num_rejected
             residual, blocks = trial_residual, trial_blocks
 
-        update = self.damping.update(damping, blocks, residual, self.linear_solver)
-        new_y = anchor - update
+        update, new_y, damping = self.damping.update(
+            damping, anchor, blocks, residual, self.linear_solver
+        )
         update_norm = scaled_norm(update, anchor)
         update_finite = jnp.all(jnp.isfinite(new_y))
         damping = self.damping.after_update(damping, update_finite)
