@@ -22,7 +22,8 @@ class AbstractDamping(eqx.Module):
 
     Subclasses implement `init`, `judge`, `damp`, `after_update` and
     `is_undamped`, and set the class variable `may_reject`; one that computes its
-    step differently (not as a linear recurrence with modified blocks) also
+    step differently (not as a linear recurrence with modified blocks, or not
+    applied to the whole trajectory, as [`deer_diffrax.TrustRegion`][]) also
     overrides `update`.
 
     **Arguments:** none here; subclasses define their own parameters.

@@ -56,8 +56,8 @@ class TrustRegion(AbstractDamping):
 
     The radius adapts by itself: it starts infinite (plain Newton steps); a trial
     whose residual is non-finite or grew more than `max_residual_growth` times is
-    rejected and the radius becomes a quarter of the largest change the rejected
-    step made (at most `1`); every accepted step that was cut short doubles it, and
+    rejected and the radius becomes a quarter of the smaller of the radius and the
+    largest change the rejected step made (at most `1`); every accepted step that was cut short doubles it, and
     beyond `1e6` it is infinite again. At the smallest radius, `1e-6`, any finite
     trial is accepted. A non-finite update is discarded and the radius shrunk the
     same way. So on problems where plain Newton never produces a rejected trial
@@ -128,7 +128,9 @@ class TrustRegion(AbstractDamping):
             ),
             truncated=cut < num_steps - 1,
         )
-        return update, trial, new_state
+        # What the step moved, for the iteration's error estimates: a quasi-Newton
+        # rate estimated from the full update of a cut step would be meaningless.
+        return start - trial, trial, new_state
 
     def after_update(self, state, update_finite):
         radius = jnp.where(update_finite, state.radius, self._shrunk(state))
