@@ -8,7 +8,8 @@ and `"diagonal"` and each damping strategy (`NoDamping`, `ShrinkBlocksDamping` =
 `damping=True`, `TrustRegion`): whether the solve succeeded, the Newton iterations
 (`/r` rejected trials), the relative error of the end state against the sequential
 solve (Diffrax's `diffeqsolve` with the base solver on the same grid; `jax.lax.scan`),
-and the fastest of 3 timed calls relative to `TrustRegion`'s where both converged.
+and the wall time relative to `TrustRegion`'s where both converged (fastest of 5
+rounds, the three strategies interleaved in each).
 Beside each row: the largest Lyapunov exponent along the solution times the window
 length (`deer_diffrax.diagnostics(sol).lyapunov_exponent` of a converged DeerSolver
 solve; for the scans `ScanStats.lyapunov_exponent` of a scan started at the
@@ -23,14 +24,20 @@ it compilation.
 
 import argparse
 import math
-import time
 
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optimistix as optx
-from _common import HERE, load_average, machine_line, markdown_table, write_result
+from _common import (
+    HERE,
+    load_average,
+    machine_line,
+    markdown_table,
+    time_interleaved,
+    write_result,
+)
 
 import deer_diffrax
 
@@ -109,21 +116,16 @@ DAMPINGS = {
 }
 
 
-def _fastest(fn, args, repeats=3):
-    out = jax.block_until_ready(fn(*args))
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return out, best
+# Interleaved rounds per (problem, mode): the three strategies alternate.
+REPEATS = 5
 
 
 def _relative(y, reference):
     return float(jnp.max(jnp.abs(y - reference)) / jnp.max(jnp.abs(reference)))
 
 
-def run_ode(field, y0, length, substeps, mode, damping, max_newton_steps):
+def ode_solve(field, length, substeps, mode, damping, max_newton_steps):
+    """A jitted one-window DeerSolver solve `y0 -> solution`."""
     term = diffrax.ODETerm(field)
     solver = deer_diffrax.DeerSolver(
         num_substeps=substeps,
@@ -146,11 +148,15 @@ def run_ode(field, y0, length, substeps, mode, damping, max_newton_steps):
             throw=False,
         )
 
-    sol, seconds = _fastest(solve, (y0,))
+    return solve
+
+
+def ode_outcome(sol):
+    """(converged, iterations, rejected trials, end state, LLE) of a solve."""
     info = deer_diffrax.diagnostics(sol)
     ok = bool(sol.result == diffrax.RESULTS.successful)
     lle = info.lyapunov_exponent if ok else math.nan
-    return ok, info.total_newton_steps, info.num_rejected, sol.ys[-1], seconds, lle
+    return ok, info.total_newton_steps, info.num_rejected, sol.ys[-1], lle
 
 
 def sequential_ode(field, y0, length, substeps):
@@ -166,7 +172,9 @@ def sequential_ode(field, y0, length, substeps):
     return sol.ys[-1]
 
 
-def run_scan(step, h0, xs, mode, damping, max_newton_steps, initial_guess=None):
+def scan_solve(step, mode, damping, max_newton_steps, initial_guess=None):
+    """A jitted `deer_diffrax.scan` `(h0, xs) -> ((final, ys), stats)`."""
+
     @jax.jit
     def solve(h0, xs):
         return deer_diffrax.scan(
@@ -181,14 +189,18 @@ def run_scan(step, h0, xs, mode, damping, max_newton_steps, initial_guess=None):
             return_stats=True,
         )
 
-    ((final, _), stats), seconds = _fastest(solve, (h0, xs))
+    return solve
+
+
+def scan_outcome(out):
+    """(converged, iterations, rejected trials, final carry, LLE per step)."""
+    (final, _), stats = out
     ok = bool(stats.result == optx.RESULTS.successful)
     return (
         ok,
         int(stats.num_newton_steps),
         int(stats.num_rejected),
         final,
-        seconds,
         float(stats.lyapunov_exponent),
     )
 
@@ -224,11 +236,18 @@ def main(dtype, max_newton_steps):
         reference = sequential_ode(field, y0, length, substeps)
         results, lle = {}, math.nan
         for mode in ("full", "diagonal"):
-            for damping_name, damping in DAMPINGS.items():
-                ok, its, rejected, y1, seconds, run_lle = run_ode(
-                    field, y0, length, substeps, mode, damping, max_newton_steps
+            calls = {
+                damping_name: (
+                    ode_solve(field, length, substeps, mode, damping, max_newton_steps),
+                    (y0,),
                 )
+                for damping_name, damping in DAMPINGS.items()
+            }
+            times, outputs = time_interleaved(calls, REPEATS)
+            for damping_name in DAMPINGS:
+                ok, its, rejected, y1, run_lle = ode_outcome(outputs[damping_name])
                 error = _relative(y1, reference) if ok else math.nan
+                seconds = times[damping_name]
                 results[mode, damping_name] = (ok, its, rejected, error, seconds)
                 if math.isnan(lle) and not math.isnan(run_lle):
                     lle = run_lle
@@ -239,14 +258,22 @@ def main(dtype, max_newton_steps):
         reference, carries = jax.lax.scan(collect, h0, xs)
         # The exponent along the sequential carries: Newton started there stops at
         # once, with the blocks of the solution.
-        lle = run_scan(step, h0, xs, "full", True, 2, initial_guess=carries)[-1]
+        at_solution = scan_solve(step, "full", True, 2, initial_guess=carries)
+        lle = scan_outcome(at_solution(h0, xs))[-1]
         results = {}
         for mode in ("full", "diagonal"):
-            for damping_name, damping in DAMPINGS.items():
-                ok, its, rejected, final, seconds, _ = run_scan(
-                    step, h0, xs, mode, damping, max_newton_steps
+            calls = {
+                damping_name: (
+                    scan_solve(step, mode, damping, max_newton_steps),
+                    (h0, xs),
                 )
+                for damping_name, damping in DAMPINGS.items()
+            }
+            times, outputs = time_interleaved(calls, REPEATS)
+            for damping_name in DAMPINGS:
+                ok, its, rejected, final, _ = scan_outcome(outputs[damping_name])
                 error = _relative(final, reference) if ok else math.nan
+                seconds = times[damping_name]
                 results[mode, damping_name] = (ok, its, rejected, error, seconds)
         add_row(name, results, lle * xs.shape[0])
 
@@ -263,8 +290,9 @@ def main(dtype, max_newton_steps):
         f"max_newton_steps={max_newton_steps}, one window, constant initial guess.\n"
         "Each cell: converged?, Newton iterations (/rejected trials), relative "
         "error of the end state vs the sequential solve.\n\n"
-        f"{table}\n\nWall time (fastest of 3 calls) relative to TrustRegion, where "
-        f"both converged:\n\n{ratio_table}\n"
+        f"{table}\n\nWall time relative to TrustRegion's, where both converged "
+        f"(fastest of {REPEATS} interleaved rounds of the three strategies):\n\n"
+        f"{ratio_table}\n"
     )
     print()
     print(ratio_table)
