@@ -53,6 +53,10 @@ from ._sharded_scan import (
     ShardedScanSolver as ShardedScanSolver,
 )
 from ._solver import DeerSolver as DeerSolver, DeerState as DeerState
+from ._trust_region import (
+    TrustRegion as TrustRegion,
+    TrustRegionState as TrustRegionState,
+)
 
 
 __version__ = "0.1.0"

@@ -22,7 +22,8 @@ class AbstractDamping(eqx.Module):
 
     Subclasses implement `init`, `judge`, `damp`, `after_update` and
     `is_undamped`, and set the class variable `may_reject`; one that computes its
-    step differently (not as a linear recurrence with modified blocks) also
+    step differently (not as a linear recurrence with modified blocks, or not
+    applied to the whole trajectory, as [`deer_diffrax.TrustRegion`][]) also
     overrides `update`.
 
     **Arguments:** none here; subclasses define their own parameters.
@@ -66,24 +67,29 @@ class AbstractDamping(eqx.Module):
     def update(
         self,
         state: PyTree[Array],
+        start: Array,
         blocks: Array,
         residual: Array,
         linear_solver: lx.AbstractLinearSolver,
-    ) -> Array:
-        """The step's update `dY` (the iterate moves to `Y - dY`).
+    ) -> tuple[Array, Array, PyTree[Array]]:
+        """The step's update `dY` and the iterate it leads to (usually `Y - dY`).
 
         **Arguments:**
 
         - `state`: the strategy's state for this step.
-        - `blocks`: the Jacobian blocks at the step's starting point.
+        - `start`: the iterate `Y` the step starts from.
+        - `blocks`: the Jacobian blocks at `start`.
         - `residual`: the residual there.
         - `linear_solver`: the Newton solver's Lineax solver.
 
-        **Returns:** by default, the solution of the linear recurrence
-        `dy_i = B_i dy_{i-1} + F_i` with the blocks `B_i` given by `damp`.
+        **Returns:** the update, the new iterate, and the strategy's state after
+        computing them. By default, the update solves the linear recurrence
+        `dy_i = B_i dy_{i-1} + F_i` with the blocks `B_i` given by `damp`, the new
+        iterate is `Y - dY`, and the state is unchanged.
         """
         operator = BlockBidiagonalOperator(self.damp(state, blocks))
-        return lx.linear_solve(operator, residual, linear_solver, throw=False).value
+        solution = lx.linear_solve(operator, residual, linear_solver, throw=False)
+        return solution.value, start - solution.value, state
 
     @abc.abstractmethod
     def after_update(

@@ -33,7 +33,8 @@ class DeerNewtonState(eqx.Module):
     - `num_rejected`: how many trial iterates damping rejected.
     - `damping`: the state of the damping strategy (for
         [`deer_diffrax.ShrinkBlocksDamping`][], the parameter `lambda` of the last
-        step; `None` for [`deer_diffrax.NoDamping`][]).
+        step; a [`deer_diffrax.TrustRegionState`][] for
+        [`deer_diffrax.TrustRegion`][]; `None` for [`deer_diffrax.NoDamping`][]).
     - `anchor`: the iterate the last step started from (with damping: the last
         accepted one), at which `residual_norm` was measured; a rejected trial falls
         back to it, and it is returned if the final step made things worse.
@@ -222,8 +223,9 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected = state.num_rejected
             residual, blocks = trial_residual, trial_blocks
 
-        update = self.damping.update(damping, blocks, residual, self.linear_solver)
-        new_y = anchor - update
+        update, new_y, damping = self.damping.update(
+            damping, anchor, blocks, residual, self.linear_solver
+        )
         update_norm = scaled_norm(update, anchor)
         update_finite = jnp.all(jnp.isfinite(new_y))
         damping = self.damping.after_update(damping, update_finite)
@@ -276,14 +278,13 @@ class DeerNewton(optx.AbstractRootFinder):
         rate = jnp.where(known, update / jnp.where(known, previous, 1), _MAX_RATE)
         rate = jnp.clip(rate, 0, _MAX_RATE)
         linear = update * rate / (1 - rate) / _LINEAR_SAFETY
-        if self._exact:
-            # A damped step is not judged by its rate: on strongly amplifying
-            # dynamics a heavily damped (Picard-like) iteration can take tiny steps
-            # far from the root. Only an undamped exact update measures the error.
-            undamped = self.damping.is_undamped(state.damping)
-            estimate = jnp.where(undamped, update, jnp.inf)
-        else:
-            estimate = linear
+        # A damped step is not judged by its rate: on strongly amplifying dynamics a
+        # heavily damped (Picard-like) iteration can take tiny steps far from the
+        # root, and a step cut short by a trust region says nothing of the rest of
+        # the trajectory. Only an undamped exact update measures the error, and
+        # only undamped quasi-Newton steps have the rate the estimate assumes.
+        undamped = self.damping.is_undamped(state.damping)
+        estimate = jnp.where(undamped, update if self._exact else linear, jnp.inf)
         return jnp.where(jnp.isfinite(estimate), estimate, jnp.inf)
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
@@ -352,7 +353,8 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
     [`deer_diffrax.ShrinkBlocksDamping`][] (the default: reject trial iterates
     whose residual is non-finite or grew too much, and retry from the last accepted
     iterate with shrunk Jacobian blocks) and `False` for
-    [`deer_diffrax.NoDamping`][] (plain Newton).
+    [`deer_diffrax.NoDamping`][] (plain Newton); [`deer_diffrax.TrustRegion`][]
+    keeps exact steps on the prefix of the trajectory where they are trusted.
 - `linear_solver`: the Lineax solver of each Newton step's block-bidiagonal system
     (default [`deer_diffrax.AssociativeScanSolver`][]).
 - `linearisation`: where the blocks come from, an

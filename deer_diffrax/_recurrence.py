@@ -438,8 +438,9 @@ def scan(
     - `damping`: a [`deer_diffrax.AbstractDamping`][] strategy, or `True` (the
         default, [`deer_diffrax.ShrinkBlocksDamping`][]: reject Newton iterates
         whose residual overflows or grows sharply and retry with shrunk Jacobian
-        blocks, down to a Picard sweep; free when Newton behaves) or `False`
-        ([`deer_diffrax.NoDamping`][]).
+        blocks, down to a Picard sweep; free when Newton behaves), `False`
+        ([`deer_diffrax.NoDamping`][]) or [`deer_diffrax.TrustRegion`][] (each
+        step cut at the first step whose change exceeds a self-adapting radius).
     - `initial_guess`: the carries `h_1, ..., h_T` Newton starts from, stacked along
         a leading time axis in the order of `xs` (the carry's pytree with a leading
         axis of length `T`); default (`None`) is `init` at every time step. A good

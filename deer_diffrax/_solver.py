@@ -607,7 +607,10 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
     a shorthand: `True` (default) for [`deer_diffrax.ShrinkBlocksDamping`][]
     (reject iterates whose residual overflows or grows sharply and retry with shrunk
     Jacobian blocks, down to a Picard sweep; free when Newton behaves), `False` for
-    [`deer_diffrax.NoDamping`][] (plain Newton).
+    [`deer_diffrax.NoDamping`][] (plain Newton). [`deer_diffrax.TrustRegion`][]
+    (cut each step at the first substep whose change exceeds a self-adapting
+    radius, restarting the rest of the window) solves long windows that the
+    default does not.
 - `initial_guess`: where Newton starts in each window, a
     [`deer_diffrax.AbstractInitialGuess`][] or a shorthand for one: `"constant"`
     ([`deer_diffrax.ConstantGuess`][], the window's initial state at every
