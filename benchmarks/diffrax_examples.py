@@ -40,7 +40,8 @@ repeatable call, of that call once compiled (min of 3).
     python benchmarks/diffrax_examples.py --diffrax-repo PATH [--ref v0.7.2]
         [--only neural_ode,stiff_ode] [--repeats 1] [--timeout 900]
 
-Writes `benchmarks/results/diffrax_examples_<backend>.md`.
+Writes `benchmarks/results/diffrax_examples_<backend>.md`, and its rows to the `.json`
+beside it: `--only` re-measures the examples it names and keeps the other rows.
 """
 
 from __future__ import annotations
@@ -196,36 +197,39 @@ EXAMPLES = (
         shrink=(
             Edit(
                 "ts, ys, model = main()",
-                "ts, ys, model = main(dataset_size=64, steps_strategy=(10, 10), "
+                "ts, ys, model = main(dataset_size=64, steps_strategy=(3, 3), "
                 "print_every=1)",
             ),
         ),
         output=r"stdout:Loss: ([^,]+),",
         output_name="loss at the last training step",
-        shrunk="64 of 256 series, 10 + 10 of 500 + 500 steps",
+        shrunk="64 of 256 series, 3 + 3 of 500 + 500 steps",
     ),
     Example(
         "latent_ode",
         swap=(
-            swap("            diffrax.Tsit5(),\n            ts[0],", "diffrax.Tsit5()"),
+            swap(
+                "diffrax.ODETerm(self.func),\n            diffrax.Tsit5(),",
+                "diffrax.Tsit5()",
+            ),
         ),
         shrink=(
             Edit(
                 "main()",
-                "main(dataset_size=64, batch_size=32, steps=5, save_every=5)",
+                "main(dataset_size=64, batch_size=32, steps=3, save_every=3)",
             ),
         ),
         output=r"stdout:Loss: ([^,]+),",
         output_name="loss at the last training step",
-        shrunk="64 of 10000 series, batch 32, 5 of 250 steps",
+        shrunk="64 of 10000 series, batch 32, 3 of 250 steps",
     ),
     Example(
         "neural_cde",
         swap=(swap("        solver = diffrax.Tsit5()\n", "diffrax.Tsit5()"),),
-        shrink=(Edit("main()", "main(dataset_size=64, steps=5)"),),
+        shrink=(Edit("main()", "main(dataset_size=64, steps=3)"),),
         output=r"stdout:Test loss: ([^,]+),",
         output_name="test loss after training",
-        shrunk="64 of 256 series, 5 of 20 steps",
+        shrunk="64 of 256 series, 3 of 20 steps",
     ),
     Example(
         "neural_sde",
@@ -235,12 +239,12 @@ EXAMPLES = (
         shrink=(
             Edit(
                 "main()",
-                "main(batch_size=32, dataset_size=64, steps=3, steps_per_print=1)",
+                "main(batch_size=32, dataset_size=64, steps=2, steps_per_print=1)",
             ),
         ),
         output=r"stdout:Loss: (\S+)",
         output_name="loss at the last step",
-        shrunk="64 of 8192 series, batch 32, 3 of 10000 steps",
+        shrunk="64 of 8192 series, batch 32, 2 of 10000 steps",
     ),
     Example(
         "nonlinear_heat_pde",
@@ -278,7 +282,7 @@ EXAMPLES = (
     ),
     Example(
         "continuous_normalising_flow",
-        swap=(swap("        solver = diffrax.Tsit5()\n", "diffrax.Tsit5()", count=2),),
+        swap=(swap("        solver = diffrax.Tsit5()\n", "diffrax.Tsit5()", count=3),),
         shrink=(
             # imageio is not a dependency here: read the PNG with matplotlib, as
             # the integers 0..255 that imageio returns.
@@ -582,6 +586,10 @@ def _status(report: dict) -> str:
     return "yes" if report.get("ok") else f"no: {report.get('error')}"
 
 
+def _seconds(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def _fmt(x: float) -> str:
     return "-" if x != x else (f"{x:.0f}" if x >= 10 else f"{x:.3g}")
 
@@ -616,7 +624,7 @@ def row(example: Example, variant: str, original: dict, deer: dict, sites) -> li
         if deer.get("ok")
         else "-",
         _ratio(deer.get("warm_s"), original.get("warm_s")),
-        f"{original.get('script_s', 0):.1f} / {deer.get('script_s', 0):.1f}",
+        f"{_seconds(original.get('script_s'))} / {_seconds(deer.get('script_s'))}",
     ]
 
 
@@ -632,115 +640,151 @@ HEADER = (
 )
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--diffrax-repo", type=Path, required=True)
-    parser.add_argument("--ref", default="v0.7.2")
-    parser.add_argument("--only", default="", help="comma-separated example names")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=900.0)
-    parser.add_argument("--no-recommended", action="store_true")
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
-
+def measure_example(example: Example, repo: Path, args) -> dict:
+    """Run one example (original, swapped and, where listed, recommended) and return
+    its table rows, per-call-site lines, load averages and date."""
     import importlib.util
 
-    import jax
-
-    only = {n for n in args.only.split(",") if n}
-    cat_png = None
-    repo = args.diffrax_repo.resolve()
-    rows, details = [], []
+    entry = dict(rows=[], details=[], date=f"{datetime.datetime.now():%Y-%m-%d %H:%M}")
     loads = [os.getloadavg()[0]]
-    for example in EXAMPLES:
-        if only and example.name not in only:
-            continue
-        missing = [m for m in example.needs if importlib.util.find_spec(m) is None]
-        if missing:
-            rows.append(
-                [example.name, f"not run: needs {', '.join(missing)} (not installed)"]
-                + ["-"] * (len(HEADER) - 2)
-            )
-            continue
-        if example.name == "continuous_normalising_flow":
-            cat_png = _extract_image(repo, args.ref, "imgs/cat.png")
-        code = apply_edits(
-            example.name, notebook_source(repo, args.ref, example.name), example.shrink
+    missing = [m for m in example.needs if importlib.util.find_spec(m) is None]
+    if missing:
+        entry["rows"].append(
+            [example.name, f"not run: needs {', '.join(missing)} (not installed)"]
+            + ["-"] * (len(HEADER) - 2)
         )
-        variants = {"": apply_edits(example.name, code, example.swap)}
-        if example.recommended and not args.no_recommended:
-            variants[" (window = 100 steps)"] = apply_edits(
-                example.name, variants[""], example.recommended
+        entry["loads"] = loads
+        return entry
+    cat_png = None
+    if example.name == "continuous_normalising_flow":
+        cat_png = _extract_image(repo, args.ref, "imgs/cat.png")
+    code = apply_edits(
+        example.name, notebook_source(repo, args.ref, example.name), example.shrink
+    )
+    variants = {"": apply_edits(example.name, code, example.swap)}
+    if example.recommended and not args.no_recommended:
+        variants[" (window = 100 steps)"] = apply_edits(
+            example.name, variants[""], example.recommended
+        )
+    original_runs, deer_runs = [], {v: [] for v in variants}
+    for _ in range(args.repeats):
+        print(f"== {example.name}: original", flush=True)
+        original_runs.append(run_child(code, example, cat_png, args.timeout))
+        loads.append(os.getloadavg()[0])
+        for variant, patched in variants.items():
+            print(f"== {example.name}: DeerSolver{variant}", flush=True)
+            deer_runs[variant].append(
+                run_child(patched, example, cat_png, args.timeout)
             )
-        original_runs, deer_runs = [], {v: [] for v in variants}
-        for _ in range(args.repeats):
-            print(f"== {example.name}: original", flush=True)
-            original_runs.append(run_child(code, example, cat_png, args.timeout))
             loads.append(os.getloadavg()[0])
-            for variant, patched in variants.items():
-                print(f"== {example.name}: DeerSolver{variant}", flush=True)
-                deer_runs[variant].append(
-                    run_child(patched, example, cat_png, args.timeout)
-                )
-                loads.append(os.getloadavg()[0])
-        original = _min_report(original_runs)
-        for variant in variants:
-            deer = _min_report(deer_runs[variant])
-            sites = swapped_sites(deer)
-            rows.append(row(example, variant, original, deer, sites))
-            details.append((example.name + variant, original, deer, sites))
-            print(" | ".join(rows[-1]), flush=True)
+    original = _min_report(original_runs)
+    for variant in variants:
+        deer = _min_report(deer_runs[variant])
+        sites = swapped_sites(deer)
+        entry["rows"].append(row(example, variant, original, deer, sites))
+        entry["details"] += site_lines(example.name + variant, original, deer, sites)
+        print(" | ".join(entry["rows"][-1]), flush=True)
+    entry["loads"] = loads
+    return entry
 
+
+def site_lines(name: str, original: dict, deer: dict, sites: set[str]) -> list[str]:
+    """One line per call site: steps of the original, substeps and windows of the
+    swapped run; then the errors, if any."""
+    lines = []
+    records = lambda report, site: report.get("records", {}).get(site, [])
+    mean = lambda rows, k: sum(r[k] for r in rows) / len(rows) if rows else math.nan
+    for site in sorted(
+        set(original.get("records", {})) | set(deer.get("records", {})), key=int
+    ):
+        o, d = records(original, site), records(deer, site)
+        lines.append(
+            f"- {name}, line {site}{' (swapped)' if site in sites else ''}: "
+            f"original {_fmt(mean(o, 1))} steps x {len(o)} solves; "
+            f"run with DeerSolver {'' if all(r[4] for r in d) else '<= '}"
+            f"{_fmt(mean(d, 3))} substeps in "
+            f"{_fmt(mean(d, 1))} windows ({_fmt(mean(d, 2))} rejected) "
+            f"x {len(d)} solves"
+        )
+    for label, report in (("original", original), ("DeerSolver", deer)):
+        if report.get("error"):
+            lines.append(f"- {name}, {label} failed: `{report['error']}`")
+    return lines
+
+
+def render(entries: dict, ref: str, machine: str) -> str:
+    """The markdown page of every measured example, in the order of `EXAMPLES`."""
+    measured = [e for e in EXAMPLES if e.name in entries]
+    loads = [x for e in measured for x in entries[e.name]["loads"]]
+    dates = sorted(entries[e.name]["date"] for e in measured)
     lines = [
         "# Diffrax's documentation examples with the solver swapped for DeerSolver",
         "",
-        f"Diffrax {args.ref} notebooks; {jax.devices()[0].device_kind} "
-        f"({jax.default_backend()}, {os.cpu_count()} cores, {platform.machine()}), "
-        f"jax {jax.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}; "
-        f"load average {min(loads):.2f}-{max(loads):.2f} during the runs; "
-        f"{args.repeats} interleaved run(s) of each, fastest kept.",
+        f"Diffrax {ref} notebooks; {machine}; measured {dates[0]} to {dates[-1]}; "
+        f"1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs "
+        "(a shared machine: single timings move by tens of percent).",
         f"Command: `python benchmarks/diffrax_examples.py --diffrax-repo DIFFRAX "
-        f"--ref {args.ref}{' --only ' + args.only if args.only else ''}"
-        f"{f' --repeats {args.repeats}' if args.repeats != 1 else ''}`.",
+        f"--ref {ref}` (or `--only NAME,...` to re-measure some rows).",
         "",
         "| " + " | ".join(HEADER) + " |",
         "|" + "---|" * len(HEADER),
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [
+        "| " + " | ".join(r) + " |" for e in measured for r in entries[e.name]["rows"]
+    ]
     lines += ["", "What was shrunk (both runs alike):", ""]
-    lines += [f"- {e.name}: {e.shrunk}" for e in EXAMPLES if not only or e.name in only]
+    lines += [f"- {e.name}: {e.shrunk}" for e in measured]
     lines += [
         "",
         "Steps per call site (accepted steps, or DEER substeps; mean per solve):",
         "",
     ]
-    for name, original, deer, sites in details:
-        for site in sorted(
-            set(original.get("records", {})) | set(deer.get("records", {})), key=int
-        ):
-            o = original.get("records", {}).get(site, [])
-            d = deer.get("records", {}).get(site, [])
-            mean = lambda rows, k: (
-                sum(r[k] for r in rows) / len(rows) if rows else math.nan
-            )
-            lines.append(
-                f"- {name}, line {site}{' (swapped)' if site in sites else ''}: "
-                f"original {_fmt(mean(o, 1))} steps x {len(o)} solves; "
-                f"run with DeerSolver {_fmt(mean(d, 3))} substeps in "
-                f"{_fmt(mean(d, 1))} windows ({_fmt(mean(d, 2))} rejected) "
-                f"x {len(d)} solves"
-            )
-        for label, report in (("original", original), ("DeerSolver", deer)):
-            if report.get("error"):
-                lines.append(f"- {name}, {label} failed: `{report['error']}`")
-    text = "\n".join(lines) + "\n"
-    print(text)
+    lines += [line for e in measured for line in entries[e.name]["details"]]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--diffrax-repo", type=Path, required=True)
+    parser.add_argument("--ref", default="v0.7.2")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated example names: re-measure these and keep the other "
+        "rows of the results file",
+    )
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--no-recommended", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="the markdown file")
+    args = parser.parse_args()
+
+    import jax
+
+    only = [n for n in args.only.split(",") if n]
+    unknown = set(only) - {e.name for e in EXAMPLES}
+    if unknown:
+        raise SystemExit(f"Unknown examples: {sorted(unknown)}")
+    repo = args.diffrax_repo.resolve()
     out = args.out or HERE / "results" / f"diffrax_examples_{jax.default_backend()}.md"
-    if only:
-        out = out.with_name(out.stem + "_" + "_".join(sorted(only))[:60] + out.suffix)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(f"Wrote {out}")
+    # The rows live in a JSON file beside the page, so that `--only` re-measures
+    # some examples and the page keeps the others.
+    store = out.with_suffix(".json")
+    entries = json.loads(store.read_text()) if only and store.exists() else {}
+    entries = {k: v for k, v in entries.items() if v.get("ref") == args.ref}
+    machine = (
+        f"{jax.devices()[0].device_kind} ({jax.default_backend()}, {os.cpu_count()} "
+        f"cores, {platform.machine()}), jax {jax.__version__}"
+    )
+    for example in EXAMPLES:
+        if only and example.name not in only:
+            continue
+        entries[example.name] = dict(measure_example(example, repo, args), ref=args.ref)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(entries, indent=1) + "\n")
+        out.write_text(render(entries, args.ref, machine))
+    print(out.read_text())
+    print(f"Wrote {out} and {store}")
 
 
 def _extract_image(repo: Path, ref: str, path: str) -> str:
