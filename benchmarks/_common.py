@@ -7,6 +7,7 @@ script's own folder on `sys.path`.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime
 import os
@@ -98,6 +99,13 @@ def time_interleaved(
             outputs[name] = jax.block_until_ready(fn(*args))
             samples[name].append(time.perf_counter() - start)
     return {name: min(s) for name, s in samples.items()}, outputs
+
+
+def best_time(fn: Callable, args: tuple, repeats: int) -> tuple[float, Any]:
+    """The shortest wall time of `fn(*args)` over `repeats` runs after one warm-up
+    run (see `time_interleaved`), and its output."""
+    times, outputs = time_interleaved({"call": (fn, args)}, repeats)
+    return times["call"], outputs["call"]
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -229,3 +237,35 @@ def mib(nbytes: int | None) -> float | None:
 def file_suffix(args) -> str:
     """`_<tag>` for a run given `--tag`, so that tagged runs write their own files."""
     return f"_{args.tag}" if getattr(args, "tag", None) else ""
+
+
+def rows_table(
+    rows: Sequence[dict],
+    columns: Sequence[tuple[str, Callable[[dict], str]]],
+    header: bool = True,
+) -> str:
+    """A markdown table of dict rows: `columns` pairs each column's title with the
+    function that formats a row's cell. `header=False` gives the rows alone, for
+    printing a table one row at a time."""
+    lines = []
+    if header:
+        lines.append("| " + " | ".join(title for title, _ in columns) + " |")
+        lines.append("|" + "---|" * len(columns))
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row) for _, cell in columns) + " |")
+    return "\n".join(lines)
+
+
+def write_rows(
+    rows: Sequence[dict], out: Path, name: str, table: Callable[[list[dict]], str]
+) -> None:
+    """`<name>.csv` (every key of every row) and `<name>.md` (`table(rows)`) in
+    the folder `out`."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    with open(out / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{name}.md").write_text(table(list(rows)) + "\n")

@@ -14,24 +14,14 @@ Prints a markdown table of times relative to the full mode.
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
+from _common import best_time
 
 import deer_diffrax
 from deer_diffrax._lyapunov import trajectory_growth
 from deer_diffrax._operator import shift_in
-
-
-def _best_time(fn, *args, repeats=7):
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main():
@@ -73,13 +63,15 @@ def main():
         ),
         ("diagonal", deer_diffrax.DiagonalJacobian()),
     ]
-    times = {name: _best_time(iteration(mode), trajectory) for name, mode in modes}
+    times = {
+        name: best_time(iteration(mode), (trajectory,), 7)[0] for name, mode in modes
+    }
     full_blocks = jax.jit(
         lambda h: deer_diffrax.FullJacobian().blocks(
             jax.linearize(residual, h)[1], struct
         )
     )(trajectory)
-    lyapunov = _best_time(jax.jit(trajectory_growth), full_blocks)
+    lyapunov = best_time(jax.jit(trajectory_growth), (full_blocks,), 7)[0]
 
     print(
         f"T = {steps}, n = {n}, {jax.devices()[0].platform}, float32, load average "

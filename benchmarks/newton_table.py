@@ -11,13 +11,11 @@ one's in that dtype.
 """
 
 import argparse
-import functools as ft
-import statistics
-import time
 
 import diffrax
 import jax
 import jax.numpy as jnp
+from _common import best_time
 
 import deer_diffrax
 from deer_diffrax import DeerSolver
@@ -72,16 +70,6 @@ PROBLEMS = {
     ),
 }
 GUESSES = ["constant", "previous", "predictor"]
-
-
-def _timed(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return out, statistics.median(times)
 
 
 def _sequential_solver(term, t1, window, substeps, windows, dtype):
@@ -141,7 +129,7 @@ def main(repeats=3, dtype="float64"):
             term, t1, window, substeps, windows, jnp.float64
         )(y0_64)
         sequential = _sequential_solver(term, t1, window, substeps, windows, dtype)
-        y_seq, t_seq = _timed(ft.partial(sequential, y0), repeats)
+        t_seq, y_seq = best_time(sequential, (y0,), repeats)
         seq_diff = _relative(y_seq, reference)
         for mode in ["full", "diagonal"]:
             for damping in [False, True]:
@@ -154,7 +142,7 @@ def main(repeats=3, dtype="float64"):
                         max_newton_steps=200,
                     )
                     deer = _deer_solver(term, solver, t1, window, windows, dtype)
-                    (y, state, result), t_deer = _timed(ft.partial(deer, y0), repeats)
+                    t_deer, (y, state, result) = best_time(deer, (y0,), repeats)
                     ok = bool(result == diffrax.RESULTS.successful)
                     info = deer_diffrax.diagnostics(state)
                     print(

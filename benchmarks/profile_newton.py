@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools as ft
 import os
-import time
 from pathlib import Path
 
 
@@ -58,6 +57,7 @@ import equinox as eqx  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import best_time, compile_ahead  # noqa: E402
 
 from deer_diffrax import DeerSolver, solve_linear_recurrence  # noqa: E402
 from deer_diffrax._jacobian import DiagonalJacobian, FullJacobian  # noqa: E402
@@ -75,18 +75,9 @@ def vector_field(t, y, args):
 
 
 def timeit(fn, *args, repeats: int) -> tuple[float, float]:
-    """Median seconds of a compiled `fn(*args)` after one warm-up run, and the
-    compile time."""
-    start = time.perf_counter()
-    compiled = eqx.filter_jit(fn).lower(*args).compile()
-    compile_seconds = time.perf_counter() - start
-    jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), compile_seconds
+    """The best wall time of `fn(*args)`, compiled ahead, and the compile time."""
+    compiled, compile_seconds = compile_ahead(fn, args)
+    return best_time(compiled, args, repeats)[0], compile_seconds
 
 
 def _compose_elementwise(earlier, later):

@@ -20,8 +20,9 @@ from _common import (
     measure,
     mib,
     rel_error,
+    rows_table,
+    write_rows,
 )
-from sweep_saveat import write_simple
 
 import deer_diffrax
 
@@ -136,29 +137,28 @@ def run_gru(args, dtype, out: Path) -> list[dict]:
                     )
                     results.append(row)
                     print(gru_table([row], header=len(results) == 1), flush=True)
-                    write_simple(results, out, f"gru{file_suffix(args)}", gru_table)
+                    write_rows(results, out, f"gru{file_suffix(args)}", gru_table)
     return results
+
+
+_GRU_COLUMNS = [
+    ("T", lambda r: f"{r['T']:.0e}"),
+    ("hidden", lambda r: str(r["hidden"])),
+    ("mode", lambda r: r["mode"]),
+    ("pass", lambda r: r["pass_"]),
+    ("lax.scan time", lambda r: format_seconds(r.get("scan_s"))),
+    ("DEER time", lambda r: format_seconds(r.get("deer_s"))),
+    ("scan/DEER", lambda r: format_value(r.get("speedup"), ".2f")),
+    ("Newton its", lambda r: str(r.get("newton", "-"))),
+    ("DEER mem (MiB)", lambda r: format_value(r.get("deer_mem_mib"), ".1f")),
+    ("max rel err", lambda r: format_value(r.get("err"), ".1e")),
+    ("note", lambda r: r.get("note", "")),
+]
 
 
 def gru_table(rows: list[dict], header: bool = True) -> str:
     """The GRU table as markdown."""
-    lines = []
-    if header:
-        lines.append(
-            "| T | hidden | mode | pass | lax.scan time | DEER time | scan/DEER | "
-            "Newton its | DEER mem (MiB) | max rel err | note |"
-        )
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        lines.append(
-            f"| {r['T']:.0e} | {r['hidden']} | {r['mode']} | {r['pass_']} | "
-            f"{format_seconds(r.get('scan_s'))} | {format_seconds(r.get('deer_s'))} | "
-            f"{format_value(r.get('speedup'), '.2f')} | {r.get('newton', '-')} | "
-            f"{format_value(r.get('deer_mem_mib'), '.1f')} | "
-            f"{format_value(r.get('err'), '.1e')} | "
-            f"{r.get('note', '')} |"
-        )
-    return "\n".join(lines)
+    return rows_table(rows, _GRU_COLUMNS, header)
 
 
 # --------------------------------------------------------------------------------------

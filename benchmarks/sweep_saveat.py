@@ -3,7 +3,6 @@ with `jax.vmap(sol.evaluate)`."""
 
 from __future__ import annotations
 
-import csv
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,8 @@ from _common import (
     measure,
     mib,
     rel_error,
+    rows_table,
+    write_rows,
 )
 from problem import (
     make_problem,
@@ -117,41 +118,25 @@ def run_saveat(args, dtype, out: Path) -> list[dict]:
             )
             results.append(row)
             print(saveat_table([row], header=len(results) == 1), flush=True)
-            write_simple(results, out, f"saveat{file_suffix(args)}", saveat_table)
+            write_rows(results, out, f"saveat{file_suffix(args)}", saveat_table)
     return results
+
+
+_SAVEAT_COLUMNS = [
+    ("T (= saved points)", lambda r: f"{r['T']:.0e}"),
+    ("n", lambda r: str(r["n"])),
+    ("method", lambda r: r["method"]),
+    ("time", lambda r: format_seconds(r.get("seconds"))),
+    ("speedup vs seq SaveAt(ts)", lambda r: format_value(r.get("vs_seq_ts"), ".2f")),
+    ("mem (MiB)", lambda r: format_value(r.get("mem_mib"), ".1f")),
+    ("max rel err", lambda r: format_value(r.get("err"), ".1e")),
+    ("note", lambda r: r.get("note", "")),
+]
 
 
 def saveat_table(rows: list[dict], header: bool = True) -> str:
     """The dense-output table as markdown."""
-    lines = []
-    if header:
-        lines.append(
-            "| T (= saved points) | n | method | time | speedup vs seq SaveAt(ts) | "
-            "mem (MiB) | max rel err | note |"
-        )
-        lines.append("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        lines.append(
-            f"| {r['T']:.0e} | {r['n']} | {r['method']} | "
-            f"{format_seconds(r.get('seconds'))} | "
-            f"{format_value(r.get('vs_seq_ts'), '.2f')} | "
-            f"{format_value(r.get('mem_mib'), '.1f')} | "
-            f"{format_value(r.get('err'), '.1e')} | "
-            f"{r.get('note', '')} |"
-        )
-    return "\n".join(lines)
-
-
-def write_simple(rows: list[dict], out: Path, name: str, table) -> None:
-    """`<name>.csv` and `<name>.md` for a list of dict rows."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(out / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    (out / f"{name}.md").write_text(table(rows) + "\n")
+    return rows_table(rows, _SAVEAT_COLUMNS, header)
 
 
 # --------------------------------------------------------------------------------------
