@@ -58,11 +58,11 @@ class TrustRegion(AbstractDamping):
     whose residual is non-finite or grew more than `max_residual_growth` times is
     rejected and the radius becomes a quarter of the smaller of the radius and the
     largest change the rejected step made (at most `1`); every accepted step that
-    was cut short doubles it, and beyond `1e6` it is infinite again. At the
-    smallest radius, `1e-6`, any finite trial is accepted. A non-finite update is
-    discarded and the radius shrunk the same way. So on problems where plain Newton never produces a rejected trial
-    the iterations are exactly Newton's, and elsewhere the window is solved in
-    growing pieces without a hand-tuned parameter.
+    was cut short doubles it, and beyond `1e6` it is infinite again. At the smallest
+    radius, `1e-6`, any finite trial is accepted. A non-finite update is discarded
+    and the radius shrunk the same way. So on problems where plain Newton never
+    produces a rejected trial the iterations are exactly Newton's, and elsewhere the
+    window is solved in growing pieces without a hand-tuned parameter.
 
     Compared with [`deer_diffrax.ShrinkBlocksDamping`][], which shrinks every block
     of the trajectory towards a Picard sweep, this keeps exact Newton steps on the
