@@ -187,7 +187,9 @@ def test_readme_and_index_show_the_same_example():
         "docs/index.md",
         "docs/getting-started.md",
         "docs/faq.md",
-        "docs/stiff-and-sde.md",
+        # Its examples (stiff, implicit, SDE solves) take about two minutes; the
+        # same features are tested in tests/test_stiff_and_sde.py.
+        pytest.param("docs/stiff-and-sde.md", marks=pytest.mark.slow),
         "docs/recurrences.md",
     ],
 )
