@@ -161,8 +161,10 @@ class DeerNewton(optx.AbstractRootFinder):
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del options, f_struct, aux_struct, tags
         struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        shapes = jax.eval_shape(lambda: self._linearise(fn, y, args, struct))
-        anchor_blocks = jnp.zeros(shapes[2].shape, shapes[2].dtype)
+        # The layout of the blocks depends on the Jacobian mode alone: read it off an
+        # identity map rather than tracing a linearisation of the residual.
+        shape = jax.eval_shape(lambda: self.jacobian.blocks(lambda v: v, struct))
+        anchor_blocks = jnp.zeros(shape.shape, shape.dtype)
         if self._keeps_anchor_linearisation():
             anchor_residual = jnp.zeros_like(y)
         else:

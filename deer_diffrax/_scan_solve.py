@@ -15,13 +15,26 @@ from ._operator import (
 )
 
 
-# Up to this block size the products are written out as sums of outer products;
-# above it a batched matmul is faster. Measured on a 2-core x86 CPU, associative scan
-# over T = 1e4 blocks (float32 / float64): n = 4, 0.7 / 0.7 ms written out against
-# 1.3 / 1.8 ms for broadcast-and-sum and 1.9-4.8 / 1.9 ms for matmul; n = 8, matmul
-# 2.2 / 3.0 ms against 2.8 / 6.0 ms for broadcast-and-sum and 3.5 / 5.7 ms written
-# out.
-_SMALL_BLOCK = 6
+# Block sizes whose products are written out as sums of outer products; every other
+# size uses a batched matmul. Measured on a 2-core x86 CPU, associative scan alone
+# (compile s / run ms; float64 unless said): n = 2, T = 1e3 written out 1.2 / 0.13
+# against matmul 1.0 / 0.08, T = 1e5 2.3 / 5.2 against 1.6 / 3.8; n = 3, float32,
+# T = 1e4 2.1 / 0.69 against 1.2 / 0.41, T = 1e5 2.7 / 3.6 against 1.8 / 5.0; n = 4,
+# T = 1e5 3.0 / 8.5 against 1.9 / 30 (broadcast-and-sum 1.2 / 15); n = 8, T = 1e5
+# 5.5 / 92 against 1.7 / 66. Writing out costs compile time that grows with `n`,
+# and pays only where XLA's dot of tiny blocks is slow.
+_WRITTEN_OUT_SIZES = range(4, 7)
+
+
+def _apply(a: Array, x: Array) -> Array:
+    """`a @ x` for blocks `a` in any layout (diagonal `(..., n)`, dense
+    `(..., n, n)`) and vectors `x` `(..., n)`, batched over the leading axes."""
+    if a.ndim == x.ndim:  # diagonal blocks
+        return a * x
+    size = a.shape[-1]
+    if size in _WRITTEN_OUT_SIZES:
+        return sum(a[..., :, k] * x[..., k : k + 1] for k in range(size))
+    return jnp.einsum("...ij,...j->...i", a, x, precision=jax.lax.Precision.HIGHEST)
 
 
 def compose_affine(earlier, later):
@@ -31,15 +44,42 @@ def compose_affine(earlier, later):
     if a1.ndim == b1.ndim:  # diagonal blocks
         return a2 * a1, a2 * b1 + b2
     size = a1.shape[-1]
-    if size <= _SMALL_BLOCK:
+    if size in _WRITTEN_OUT_SIZES:
         # A sum of `size` elementwise products: XLA fuses it into one loop with no
-        # `(T, n, n, n)` intermediate, where a batched dot of tiny blocks is slow.
+        # `(T, n, n, n)` intermediate.
         a = sum(a2[..., :, k : k + 1] * a1[..., k : k + 1, :] for k in range(size))
-        b = sum(a2[..., :, k] * b1[..., k : k + 1] for k in range(size))
     else:
         a = jnp.matmul(a2, a1, precision=jax.lax.Precision.HIGHEST)
-        b = jnp.einsum("...ij,...j->...i", a2, b1, precision=jax.lax.Precision.HIGHEST)
-    return a, b + b2
+    return a, _apply(a2, b1) + b2
+
+
+def _interleave(even: Array, odd: Array) -> Array:
+    """`x` with `x[0::2] = even` and `x[1::2] = odd` (`len(even) - len(odd)` is 0 or
+    1)."""
+    num = even.shape[0] + odd.shape[0]
+    if odd.shape[0] < even.shape[0]:
+        odd = jnp.concatenate([odd, jnp.zeros_like(even[:1])])
+    pairs = jnp.stack([even, odd], axis=1)
+    return pairs.reshape((2 * even.shape[0],) + even.shape[1:])[:num]
+
+
+def _solve_by_halves(blocks: Array, rhs: Array) -> Array:
+    # Pairing neighbours, `x_{2k+1} = (J_{2k+1} J_{2k}) x_{2k-1} + (J_{2k+1} r_{2k} +
+    # r_{2k+1})` is a recurrence of the same form (with `x_{-1} = 0`) over the odd
+    # steps, half as long: solve it recursively (`log2 T` levels), then each even
+    # step is one product away, `x_{2k} = J_{2k} x_{2k-1} + r_{2k}`. Unlike a
+    # generic prefix scan, the way back propagates vectors, never block products:
+    # half the `O(n^3)` work, and a smaller program to compile.
+    num_steps = rhs.shape[0]
+    if num_steps == 1:
+        return rhs  # x_0 = r_0: blocks[0] multiplies x_{-1} = 0.
+    pair_blocks, pair_rhs = compose_affine(
+        (blocks[0:-1:2], rhs[0:-1:2]), (blocks[1::2], rhs[1::2])
+    )
+    odd = _solve_by_halves(pair_blocks, pair_rhs)
+    later_even = _apply(blocks[2::2], odd[: (num_steps - 1) // 2]) + rhs[2::2]
+    even = jnp.concatenate([rhs[:1], later_even])
+    return _interleave(even, odd)
 
 
 def solve_linear_recurrence(
@@ -60,12 +100,9 @@ def solve_linear_recurrence(
     """
     if blocks.ndim == 4:
         # `n / k` independent recurrences of size `k`, batched: `O(T n k^2)` work.
-        _, x = jax.lax.associative_scan(
-            compose_affine, (blocks, rhs.reshape(blocks.shape[:3]))
-        )
+        x = _solve_by_halves(blocks, rhs.reshape(blocks.shape[:3]))
         return x.reshape(rhs.shape)
-    _, x = jax.lax.associative_scan(compose_affine, (blocks, rhs))
-    return x
+    return _solve_by_halves(blocks, rhs)
 
 
 def shift_transposed(blocks):
