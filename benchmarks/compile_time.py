@@ -4,9 +4,12 @@ For each number of substeps T, the damped pendulum is solved over [0, T / 100] w
 Tsit5 steps of 0.01: sequentially, and with DeerSolver in one window of T substeps
 (full and diagonal Jacobians). Lowering, compiling and running are timed separately
 (`jax.jit(f).lower(y0)`, `.compile()`, a call of the compiled function), each in a
-fresh process so that no cache is shared. Prints a markdown table.
+fresh process so that no cache is shared; each figure is the smallest over
+`--repeats` such processes (single measurements move by 20-40% on a shared machine).
+Prints a markdown table.
 
     python benchmarks/compile_time.py [--substeps 1000 100000] [--dtype float32]
+        [--repeats 3]
 """
 
 import argparse
@@ -74,32 +77,38 @@ print(json.dumps(dict(lower=lower, compile=compile_, run=run)))
 """
 
 
-def _measure(solver: str, substeps: int, dtype: str) -> dict:
+def _measure(solver: str, substeps: int, dtype: str, repeats: int) -> dict:
     config = json.dumps(dict(solver=solver, substeps=substeps, dtype=dtype))
-    out = subprocess.run(
-        [sys.executable, "-c", _CHILD, config],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")),
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, "-c", _CHILD, config],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")),
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {key: min(run[key] for run in runs) for key in runs[0]}
 
 
-def main(substeps: list[int], dtype: str) -> None:
+def main(substeps: list[int], dtype: str, repeats: int) -> None:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"{platform.machine()} CPU, {os.cpu_count()} cores, {dtype}, load average "
-        f"{load:.2f} at start; seconds, one fresh process per entry\n"
+        f"{load:.2f} at start; seconds, fastest of {repeats} fresh processes per "
+        "entry\n"
     )
     print("| T | solver | lower | compile | lower+compile / sequential | first run |")
     print("|---|---|---|---|---|---|")
     for count in substeps:
-        sequential = _measure("sequential", count, dtype)
+        sequential = _measure("sequential", count, dtype, repeats)
         base = sequential["lower"] + sequential["compile"]
         for solver in ("sequential", "full", "diagonal"):
             times = (
-                sequential if solver == "sequential" else _measure(solver, count, dtype)
+                sequential
+                if solver == "sequential"
+                else _measure(solver, count, dtype, repeats)
             )
             total = times["lower"] + times["compile"]
             name = "Tsit5" if solver == "sequential" else f"DeerSolver ({solver})"
@@ -114,5 +123,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--substeps", type=int, nargs="+", default=[1000, 100000])
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--repeats", type=int, default=3)
     options = parser.parse_args()
-    main(options.substeps, options.dtype)
+    main(options.substeps, options.dtype, options.repeats)

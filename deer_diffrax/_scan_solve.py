@@ -164,7 +164,10 @@ class AbstractBidiagonalScanSolver(lx.AbstractLinearSolver[ScanState]):
 
 class AssociativeScanSolver(AbstractBidiagonalScanSolver):
     """Solves `(I - L) x = r` for unit lower block-bidiagonal `I - L` (and its
-    transpose) with `jax.lax.associative_scan`, in `O(log T)` parallel depth.
+    transpose) by a parallel prefix computation in `O(log T)` depth: neighbouring
+    steps are composed pairwise into a recurrence half as long, solved the same
+    way, and the remaining steps filled in by matrix-vector products (about `T`
+    block products in all, half of a generic associative scan's).
 
     Accepts a [`deer_diffrax.BlockBidiagonalOperator`][] directly, or any Lineax
     operator on `(T, n)` arrays carrying
