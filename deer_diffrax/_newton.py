@@ -1,6 +1,5 @@
 """Newton's method on a whole trajectory, as an Optimistix root finder."""
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -26,11 +25,8 @@ class DeerNewtonState(eqx.Module):
 
     - `residual_norm`: the scaled max-norm of the residual at the last accepted
         iterate (`inf` before the first step); `<= 1` means converged.
-    - `update_norm`, `previous_update_norm`, `earlier_update_norm`: scaled
-        max-norms of the last three Newton updates, from which the iteration
-        estimates the error of its iterate (see `DeerNewton`).
-    - `num_clean`: how many of the last steps in a row were accepted, finite and
-        undamped (the updates whose sizes the error estimates may compare).
+    - `update_norm`, `previous_update_norm`: scaled max-norms of the last two Newton
+        updates, from which quasi-Newton modes estimate their remaining error.
     - `finite`: `False` once the iteration has produced a non-finite residual that
         damping cannot recover from.
     - `num_steps`: the number of Newton steps taken.
@@ -54,8 +50,6 @@ class DeerNewtonState(eqx.Module):
     residual_norm: Float[Array, ""]
     update_norm: Float[Array, ""]
     previous_update_norm: Float[Array, ""]
-    earlier_update_norm: Float[Array, ""]
-    num_clean: Int[Array, ""]
     finite: Bool[Array, ""]
     num_steps: Int[Array, ""]
     num_rejected: Int[Array, ""]
@@ -70,12 +64,6 @@ class DeerNewtonState(eqx.Module):
 # that noise into a large error estimate. A slower true rate is caught by the exact
 # Newton step that ends every quasi-Newton solve.
 _MAX_RATE = 0.5
-# Exact Newton may stop once the error predicted from its quadratic convergence is
-# this fraction of the tolerance (see `DeerNewton._error_estimate`).
-_QUADRATIC_SAFETY = 0.1
-# The quadratic prediction is used only while the convergence constants measured from
-# the last two pairs of updates agree to within this factor.
-_QUADRATIC_CONSISTENCY = 10.0
 # A quasi-Newton iteration stops once its estimated error is this fraction of the
 # tolerance (as simplified Newton iterations in implicit Runge-Kutta codes do): the
 # estimate sees only what the approximate blocks see, and the margin keeps the final
@@ -105,12 +93,7 @@ class DeerNewton(optx.AbstractRootFinder):
     tolerance, `atol + rtol |y_i|` entrywise. An exact Newton update is, to first
     order, the error of the iterate it started from: with exact blocks the iteration
     stops once an undamped update is within tolerance and returns the updated
-    iterate, whose error is about the square of it, or, where the last three
-    updates show quadratic convergence, once the error that convergence predicts
-    for the updated iterate is a tenth of the tolerance and the residual there is
-    within tolerance (one step earlier; not in a differentiated solve, whose
-    gradient needs the blocks of a step taken within tolerance). A criterion on the
-    residual alone
+    iterate, whose error is about the square of it. A criterion on the residual
     would not do: errors within the residual tolerance at every substep accumulate
     along the trajectory (measured: float32 results hundreds of times further from
     the root than the rounding of a sequential solve). With approximate blocks
@@ -147,7 +130,6 @@ class DeerNewton(optx.AbstractRootFinder):
     )
     linear_solver: lx.AbstractLinearSolver = AssociativeScanSolver()
     linearisation: AbstractLinearisation = ResidualLinearisation()
-    quadratic_stop: bool = eqx.field(static=True, default=True)
 
     @property
     def _exact(self) -> bool:
@@ -191,8 +173,6 @@ class DeerNewton(optx.AbstractRootFinder):
             residual_norm=jnp.array(jnp.inf, dtype=y.dtype),
             update_norm=jnp.array(jnp.inf, dtype=y.dtype),
             previous_update_norm=jnp.array(jnp.inf, dtype=y.dtype),
-            earlier_update_norm=jnp.array(jnp.inf, dtype=y.dtype),
-            num_clean=jnp.array(0),
             finite=jnp.array(True),
             num_steps=jnp.array(0),
             num_rejected=jnp.array(0),
@@ -259,13 +239,10 @@ class DeerNewton(optx.AbstractRootFinder):
             update_norm = jnp.where(update_finite, update_norm, jnp.inf)
         else:
             still_finite = still_finite & jnp.all(jnp.isfinite(update))
-        clean = accept & update_finite & self.damping.is_undamped(damping)
         new_state = DeerNewtonState(
             residual_norm=residual_norm,
             update_norm=update_norm,
             previous_update_norm=state.update_norm,
-            earlier_update_norm=state.previous_update_norm,
-            num_clean=jnp.where(clean, state.num_clean + 1, 0),
             finite=still_finite,
             num_steps=state.num_steps + 1,
             num_rejected=num_rejected,
@@ -285,58 +262,17 @@ class DeerNewton(optx.AbstractRootFinder):
         )
         return converged | diverged, result
 
-    def _quadratic_prediction(self, state: DeerNewtonState) -> Float[Array, ""]:
-        """The error of the iterate after the last exact step as Newton's quadratic
-        convergence predicts it, divided by `_QUADRATIC_SAFETY`; `inf` where the
-        last three updates do not show that convergence.
-
-        Near the root, the update `d_k` of exact Newton is the error of the point it
-        started from, and the errors square: `|d_{k+1}| ~ C |d_k|^2`. The constant
-        `C` is measured twice, from the last two pairs of updates; when both
-        measurements agree (the iteration is in its quadratic regime, not still
-        extending the converged prefix of the trajectory, and not at the rounding
-        floor, where updates stop shrinking) the error left by the last step is
-        about `C |d_k|^2`. That saves the last Newton step whose only purpose would
-        be to show that the previous one was small.
-        """
-        dtype = state.update_norm.dtype
-        last, previous, earlier = (
-            state.update_norm,
-            state.previous_update_norm,
-            state.earlier_update_norm,
-        )
-        usable = (
-            (state.num_clean >= 3)
-            & jnp.isfinite(earlier)
-            & (previous > 0)
-            & (earlier > 0)
-            & (last < previous)
-            & (previous < earlier)
-        )
-        safe = lambda x: jnp.where(usable, x, jnp.ones((), dtype))
-        constant_last = last / safe(previous) / safe(previous)
-        constant_before = previous / safe(earlier) / safe(earlier)
-        consistent = usable & (
-            constant_last <= _QUADRATIC_CONSISTENCY * constant_before
-        )
-        predicted = jnp.maximum(constant_last, constant_before) * last * last
-        predicted = predicted / _QUADRATIC_SAFETY
-        return jnp.where(consistent & jnp.isfinite(predicted), predicted, jnp.inf)
-
     def _error_estimate(self, state: DeerNewtonState) -> Float[Array, ""]:
         """The scaled error of the iterate after the last step, as estimated from
-        the last updates.
+        the last two updates.
 
         An undamped exact Newton update is, to first order, the error of the point it
         started from, and the updated point is far more accurate (quadratic
-        convergence); so its size is a safe bound. Where the last three updates
-        show quadratic convergence, the smaller error it predicts counts instead
-        (see `_quadratic_prediction`; `postprocess` then also requires the
-        residual at the returned iterate to be within tolerance). A quasi-Newton
-        step contracts the error only linearly, by a rate `theta` estimated from the
-        ratio of the last two updates, and leaves an error of about
-        `theta / (1 - theta)` times the last update; the solve's final exact step
-        checks that estimate.
+        convergence); so its size is a safe bound, and nothing else counts in exact
+        mode. A quasi-Newton step contracts the error only linearly, by a rate
+        `theta` estimated from the ratio of the last two updates, and leaves an
+        error of about `theta / (1 - theta)` times the last update; the solve's
+        final exact step checks that estimate.
         """
         update = state.update_norm
         previous = state.previous_update_norm
@@ -350,13 +286,7 @@ class DeerNewton(optx.AbstractRootFinder):
         # the trajectory. Only an undamped exact update measures the error, and
         # only undamped quasi-Newton steps have the rate the estimate assumes.
         undamped = self.damping.is_undamped(state.damping)
-        if self._exact and self.quadratic_stop:
-            exact = jnp.minimum(update, self._quadratic_prediction(state))
-            estimate = jnp.where(undamped, exact, jnp.inf)
-        elif self._exact:
-            estimate = jnp.where(undamped, update, jnp.inf)
-        else:
-            estimate = jnp.where(undamped, linear, jnp.inf)
+        estimate = jnp.where(undamped, update if self._exact else linear, jnp.inf)
         return jnp.where(jnp.isfinite(estimate), estimate, jnp.inf)
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
@@ -374,13 +304,6 @@ class DeerNewton(optx.AbstractRootFinder):
             value = jnp.where(keep_last, y, state.anchor)
             final_residual = jnp.where(keep_last, norm, state.residual_norm)
             error = self._error_estimate(state)
-            # A prediction from the quadratic convergence is only believed if the
-            # residual at the returned iterate agrees: an error within tolerance
-            # leaves a residual within tolerance. The point the last step started
-            # from has an error of about the last update.
-            predicted = error < state.update_norm
-            error = jnp.where(predicted, jnp.maximum(error, norm), error)
-            error = jnp.where(keep_last, error, state.update_norm)
             num_steps = state.num_steps
             # The exact blocks at the point the last step started from, within
             # tolerance of the solution: to first order the solution's, for its
@@ -436,9 +359,6 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
     keeps exact steps on the prefix of the trajectory where they are trusted.
 - `linear_solver`: the Lineax solver of each Newton step's block-bidiagonal system
     (default [`deer_diffrax.AssociativeScanSolver`][]).
-- `quadratic_stop`: whether exact Newton may stop one step early where its
-    quadratic convergence predicts the error of the returned iterate (default
-    `True`; never in a differentiated solve).
 - `linearisation`: where the blocks come from, an
     [`deer_diffrax.AbstractLinearisation`][]: the exact Jacobian of the residual
     ([`deer_diffrax.ResidualLinearisation`][], the default, not assumed safe at
@@ -562,10 +482,6 @@ def _find_root_jvp(primals, tangents, *, newton, max_steps):
     # reverse-time scan. The initial guess gets no derivative.
     residual_fn, guess, args = primals
     t_residual_fn, _, t_args = tangents
-    # A differentiated solve does not stop early on a predicted error: the blocks
-    # of its last step must come from within tolerance of the root, or the
-    # gradient inherits the distance (measured: 1e-8..2e-7 relative in float64).
-    newton = dataclasses.replace(newton, quadratic_stop=False)
     out = _find_root(residual_fn, guess, args, newton=newton, max_steps=max_steps)
     root, _, stats = out
     inputs, t_inputs = (residual_fn, args), (t_residual_fn, t_args)

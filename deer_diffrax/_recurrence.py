@@ -426,8 +426,7 @@ def scan(
     - `rtol`, `atol`: a bound on the error of the returned carries against the
         sequential recurrence: Newton stops once its exact update (to first order,
         that error) is within `atol + rtol |h_t|` entrywise, and returns the updated
-        carries, whose error is then about the square of it (one step earlier
-        where quadratic convergence predicts that error). With
+        carries, whose error is then about the square of it. With
         `jacobian="diagonal"` the quasi-Newton iterations stop on their own error
         estimate and one exact Newton step checks and corrects it. Default
         (`None`): `10 eps^0.75` of the carry's dtype (about `2e-11` in float64,

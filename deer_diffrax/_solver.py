@@ -591,9 +591,8 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
 - `rtol`, `atol`: a bound on the error of each window's trajectory against the
     sequential solution of the same substeps, `atol + rtol |y_i|` entrywise: Newton
     stops once its exact update (to first order, that error) is within it, and
-    returns the updated trajectory, whose error is then about the square of it
-    (one step earlier where quadratic convergence predicts that error). With
-    `jacobian="diagonal"` the quasi-Newton iterations stop on their own error
+    returns the updated trajectory, whose error is then about the square of it.
+    With `jacobian="diagonal"` the quasi-Newton iterations stop on their own error
     estimate and one exact Newton step checks and corrects it. Default (`None`):
     `10 eps^0.75` of the state's dtype (about `2e-11` for float64, `6e-5` for
     float32), which leaves results at the rounding level of the sequential solve.
