@@ -67,9 +67,10 @@ def _solve_by_halves(blocks: Array, rhs: Array) -> Array:
     # Pairing neighbours, `x_{2k+1} = (J_{2k+1} J_{2k}) x_{2k-1} + (J_{2k+1} r_{2k} +
     # r_{2k+1})` is a recurrence of the same form (with `x_{-1} = 0`) over the odd
     # steps, half as long: solve it recursively (`log2 T` levels), then each even
-    # step is one product away, `x_{2k} = J_{2k} x_{2k-1} + r_{2k}`. Unlike a
-    # generic prefix scan, the way back propagates vectors, never block products:
-    # half the `O(n^3)` work, and a smaller program to compile.
+    # step is one product away, `x_{2k} = J_{2k} x_{2k-1} + r_{2k}`. The way back
+    # propagates vectors only. A generic prefix scan also forms every prefix
+    # product of the blocks, which XLA then removes as dead code (so it runs as
+    # fast), but only after tracing and compiling it: this program is smaller.
     num_steps = rhs.shape[0]
     if num_steps == 1:
         return rhs  # x_0 = r_0: blocks[0] multiplies x_{-1} = 0.
@@ -167,7 +168,7 @@ class AssociativeScanSolver(AbstractBidiagonalScanSolver):
     transpose) by a parallel prefix computation in `O(log T)` depth: neighbouring
     steps are composed pairwise into a recurrence half as long, solved the same
     way, and the remaining steps filled in by matrix-vector products (about `T`
-    block products in all, half of a generic associative scan's).
+    block products in all; no prefix products of the blocks are formed).
 
     Accepts a [`deer_diffrax.BlockBidiagonalOperator`][] directly, or any Lineax
     operator on `(T, n)` arrays carrying
