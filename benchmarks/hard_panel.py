@@ -5,11 +5,11 @@ guess) on Van der Pol mu = 1 and mu = 10, the Kepler orbit e = 0.5, Lotka-Volter
 and an `eqx.nn.MLP` vector field; `deer_diffrax.scan` on a GRU cell with its weights
 scaled up and on a random tanh RNN of growing gain. Columns: for `jacobian="full"`
 and `"diagonal"` and each damping strategy (`NoDamping`, `ShrinkBlocksDamping` =
-`damping=True`, `TrustRegion`): whether the solve succeeded, the Newton iterations
-(`/r` rejected trials), the relative error of the end state against the sequential
-solve (Diffrax's `diffeqsolve` with the base solver on the same grid; `jax.lax.scan`),
-and the wall time relative to `TrustRegion`'s where both converged (fastest of 5
-rounds, the three strategies interleaved in each).
+`damping=True`, `TrustRegion`, `LevenbergMarquardt`): whether the solve succeeded,
+the Newton iterations (`/r` rejected trials), the relative error of the end state
+against the sequential solve (Diffrax's `diffeqsolve` with the base solver on the
+same grid; `jax.lax.scan`), and the wall time relative to `TrustRegion`'s where both
+converged (fastest of 5 rounds, the strategies interleaved in each).
 Beside each row: the largest Lyapunov exponent along the solution times the window
 length (`deer_diffrax.diagnostics(sol).lyapunov_exponent` of a converged DeerSolver
 solve; for the scans `ScanStats.lyapunov_exponent` of a scan started at the
@@ -113,6 +113,7 @@ DAMPINGS = {
     "none": deer_diffrax.NoDamping(),
     "shrink": deer_diffrax.ShrinkBlocksDamping(),
     "trust": deer_diffrax.TrustRegion(),
+    "lm": deer_diffrax.LevenbergMarquardt(),
 }
 
 

@@ -32,6 +32,11 @@ from ._jacobian import (
     DiagonalJacobian as DiagonalJacobian,
     FullJacobian as FullJacobian,
 )
+from ._levenberg_marquardt import (
+    levenberg_marquardt_step as levenberg_marquardt_step,
+    LevenbergMarquardt as LevenbergMarquardt,
+    LevenbergMarquardtState as LevenbergMarquardtState,
+)
 from ._linearisation import (
     AbstractLinearisation as AbstractLinearisation,
     ResidualLinearisation as ResidualLinearisation,

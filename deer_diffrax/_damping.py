@@ -45,6 +45,7 @@ class AbstractDamping(eqx.Module):
         trial_norm: Float[Array, ""],
         trial_finite: Bool[Array, ""],
         anchor_norm: Float[Array, ""],
+        trial_residual: Array,
     ) -> tuple[Bool[Array, ""], PyTree[Array]]:
         """Accept or reject the trial iterate.
 
@@ -55,6 +56,7 @@ class AbstractDamping(eqx.Module):
         - `trial_norm`: the scaled norm of the residual at the trial iterate.
         - `trial_finite`: whether that residual is finite.
         - `anchor_norm`: the scaled residual norm at the last accepted iterate.
+        - `trial_residual`: the residual at the trial iterate itself.
 
         **Returns:** whether the trial is accepted, and the state for this step.
         """
@@ -116,7 +118,9 @@ class NoDamping(AbstractDamping):
     def init(self, dtype) -> None:
         return None
 
-    def judge(self, state, first, trial_norm, trial_finite, anchor_norm):
+    def judge(
+        self, state, first, trial_norm, trial_finite, anchor_norm, trial_residual
+    ):
         return jnp.array(True), state
 
     def damp(self, state, blocks):
@@ -161,7 +165,9 @@ class ShrinkBlocksDamping(AbstractDamping):
     def init(self, dtype) -> Float[Array, ""]:
         return jnp.array(0.0, dtype=dtype)
 
-    def judge(self, state, first, trial_norm, trial_finite, anchor_norm):
+    def judge(
+        self, state, first, trial_norm, trial_finite, anchor_norm, trial_residual
+    ):
         growth_ok = trial_norm <= self.max_residual_growth * anchor_norm
         picard = state >= _MAX_DAMPING
         accept = trial_finite & (first | growth_ok | picard)

@@ -203,7 +203,12 @@ class DeerNewton(optx.AbstractRootFinder):
         trial_norm = scaled_norm(trial_residual, y)
         trial_finite = jnp.all(jnp.isfinite(trial_residual))
         accept, damping = self.damping.judge(
-            state.damping, first, trial_norm, trial_finite, state.residual_norm
+            state.damping,
+            first,
+            trial_norm,
+            trial_finite,
+            state.residual_norm,
+            trial_residual,
         )
 
         if may_reject:

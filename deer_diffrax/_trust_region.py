@@ -91,7 +91,9 @@ class TrustRegion(AbstractDamping):
         radius = jnp.minimum(radius, 4 * _MAX_SHRUNK_RADIUS) / 4
         return jnp.maximum(radius, _MIN_RADIUS).astype(state.radius.dtype)
 
-    def judge(self, state, first, trial_norm, trial_finite, anchor_norm):
+    def judge(
+        self, state, first, trial_norm, trial_finite, anchor_norm, trial_residual
+    ):
         growth_ok = trial_norm <= self.max_residual_growth * anchor_norm
         smallest = state.radius <= _MIN_RADIUS
         accept = trial_finite & (first | growth_ok | smallest)

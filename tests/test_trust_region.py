@@ -109,12 +109,18 @@ def test_a_step_is_cut_at_the_first_substep_beyond_the_radius():
         jnp.array(1e9),
         jnp.array(True),
         jnp.array(1.0),
+        jnp.ones((4, 2)),
     )
     assert not bool(accept)
     np.testing.assert_allclose(judged.radius, 0.5 / 4)
     # An accepted step that was cut short doubles it.
     accept, judged = damping.judge(
-        new_state, jnp.array(False), jnp.array(2.0), jnp.array(True), jnp.array(1.0)
+        new_state,
+        jnp.array(False),
+        jnp.array(2.0),
+        jnp.array(True),
+        jnp.array(1.0),
+        jnp.ones((4, 2)),
     )
     assert bool(accept)
     np.testing.assert_allclose(judged.radius, 1.0)
