@@ -126,7 +126,9 @@ def test_a_step_is_cut_at_the_first_substep_beyond_the_radius():
     np.testing.assert_allclose(judged.radius, 1.0)
 
 
-@pytest.mark.parametrize("jacobian", ["full", "diagonal"])
+@pytest.mark.parametrize(
+    "jacobian", ["full", pytest.param("diagonal", marks=pytest.mark.slow)]
+)
 def test_deer_solver_under_jit_vmap_and_grad(jacobian):
     problem = PROBLEMS["van_der_pol"]
     solver = DeerSolver(num_substeps=100, jacobian=jacobian, damping=TrustRegion())
@@ -168,7 +170,9 @@ def _gru(gain):
     return cell, xs
 
 
-@pytest.mark.parametrize("jacobian", ["full", "diagonal"])
+@pytest.mark.parametrize(
+    "jacobian", ["full", pytest.param("diagonal", marks=pytest.mark.slow)]
+)
 def test_scan_under_jit_vmap_and_grad(jacobian):
     cell, xs = _gru(2.0)
     h0 = jnp.zeros(4)
