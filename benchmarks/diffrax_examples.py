@@ -242,6 +242,22 @@ EXAMPLES = (
                 "main(batch_size=32, dataset_size=64, steps=2, steps_per_print=1)",
             ),
         ),
+        # The generator and the discriminator each in one window of 63 substeps:
+        # the original grid (`dt0 = 1` over `[0, 63]`); `dt0` itself stays, as it
+        # also sets the Brownian tree's tolerance.
+        recommended=(
+            Edit(
+                "deer_diffrax.DeerSolver(diffrax.ReversibleHeun())",
+                "deer_diffrax.DeerSolver(diffrax.ReversibleHeun(), num_substeps=63)",
+                count=2,
+            ),
+            Edit(
+                "diffrax.diffeqsolve(terms, solver, t0, t1, dt0, y0, saveat=saveat)",
+                "diffrax.diffeqsolve(terms, solver, t0, t1, t1 - t0, y0, "
+                "saveat=saveat)",
+                count=2,
+            ),
+        ),
         output=r"stdout:Loss: (\S+)",
         output_name="loss at the last step",
         shrunk="64 of 8192 series, batch 32, 2 of 10000 steps",

@@ -110,3 +110,44 @@ def problems():
 
 
 PROBLEMS = problems()
+
+
+def check_scan_under_jit_vmap_and_grad(damping, jacobian):
+    """`deer_diffrax.scan` with `damping` over a batch of two input sequences of a
+    GRU, under `jit`, `vmap` and `grad` (with respect to the cell's weights): every
+    scan succeeds, and values and gradients match `jax.lax.scan`'s to 1e-9."""
+    import optimistix as optx
+
+    import deer_diffrax
+
+    cell = eqx.nn.GRUCell(3, 4, key=jax.random.key(0))
+    cell = jtu.tree_map(lambda x: 2.0 * x if eqx.is_array(x) else x, cell)
+    xs = jax.random.normal(jax.random.key(1), (2, 200, 3))
+    h0 = jnp.zeros(4)
+
+    def final(cell, xs, parallel):
+        step = lambda h, x: (cell(x, h), None)
+        if parallel:
+            out, stats = deer_diffrax.scan(
+                step,
+                h0,
+                xs,
+                jacobian=jacobian,
+                damping=damping,
+                throw=False,
+                return_stats=True,
+            )
+            return jnp.sum(out[0] ** 2), stats.result
+        return jnp.sum(jax.lax.scan(step, h0, xs)[0] ** 2), None
+
+    def value_and_grad(parallel):
+        fn = eqx.filter_value_and_grad(lambda c, x: final(c, x, parallel)[0])
+        return eqx.filter_jit(eqx.filter_vmap(fn, in_axes=(None, 0)))(cell, xs)
+
+    (value, grad), (value_ref, grad_ref) = value_and_grad(True), value_and_grad(False)
+    results = eqx.filter_vmap(lambda x: final(cell, x, True)[1])(xs)
+    assert bool(jnp.all(results == optx.RESULTS.successful))
+    assert max_relative_difference(value, value_ref) <= 1e-9
+    grads = jtu.tree_leaves(eqx.filter(grad, eqx.is_array))
+    grads_ref = jtu.tree_leaves(eqx.filter(grad_ref, eqx.is_array))
+    assert max_relative_difference(grads, grads_ref) <= 1e-9

@@ -2,13 +2,15 @@
 answer where Newton works, and jit/vmap/grad through `deer_diffrax.scan`."""
 
 import diffrax
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optimistix as optx
 import pytest
-from helpers import max_relative_difference, PROBLEMS
+from helpers import (
+    check_scan_under_jit_vmap_and_grad,
+    max_relative_difference,
+    PROBLEMS,
+)
 
 import deer_diffrax
 from deer_diffrax import (
@@ -103,44 +105,9 @@ def test_rejects_a_step_that_raises_the_merit():
     assert float(relaxed.damping) < float(judged.damping)
 
 
-def _gru(gain):
-    cell = eqx.nn.GRUCell(3, 4, key=jax.random.key(0))
-    cell = jax.tree_util.tree_map(lambda x: gain * x if eqx.is_array(x) else x, cell)
-    xs = jax.random.normal(jax.random.key(1), (2, 200, 3))
-    return cell, xs
-
-
 # Slow (65 s on 2 cores): under vmap the strategy's branch between Newton's solve
 # and its own becomes a select, so both are compiled.
 @pytest.mark.slow
 @pytest.mark.parametrize("jacobian", ["full", "diagonal"])
 def test_scan_under_jit_vmap_and_grad(jacobian):
-    cell, xs = _gru(2.0)
-    h0 = jnp.zeros(4)
-
-    def final(cell, xs, parallel):
-        step = lambda h, x: (cell(x, h), None)
-        if parallel:
-            out, stats = deer_diffrax.scan(
-                step,
-                h0,
-                xs,
-                jacobian=jacobian,
-                damping=LevenbergMarquardt(),
-                throw=False,
-                return_stats=True,
-            )
-            return jnp.sum(out[0] ** 2), stats.result
-        return jnp.sum(jax.lax.scan(step, h0, xs)[0] ** 2), None
-
-    def value_and_grad(parallel):
-        fn = eqx.filter_value_and_grad(lambda c, x: final(c, x, parallel)[0])
-        return eqx.filter_jit(eqx.filter_vmap(fn, in_axes=(None, 0)))(cell, xs)
-
-    (value, grad), (value_ref, grad_ref) = value_and_grad(True), value_and_grad(False)
-    results = eqx.filter_vmap(lambda x: final(cell, x, True)[1])(xs)
-    assert bool(jnp.all(results == optx.RESULTS.successful))
-    assert max_relative_difference(value, value_ref) <= 1e-9
-    grads = jax.tree_util.tree_leaves(eqx.filter(grad, eqx.is_array))
-    grads_ref = jax.tree_util.tree_leaves(eqx.filter(grad_ref, eqx.is_array))
-    assert max_relative_difference(grads, grads_ref) <= 1e-9
+    check_scan_under_jit_vmap_and_grad(LevenbergMarquardt(), jacobian)

@@ -7,9 +7,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optimistix as optx
 import pytest
-from helpers import max_relative_difference, PROBLEMS
+from helpers import (
+    check_scan_under_jit_vmap_and_grad,
+    max_relative_difference,
+    PROBLEMS,
+)
 
 import deer_diffrax
 from deer_diffrax import DeerSolver, TrustRegion
@@ -163,52 +166,8 @@ def test_deer_solver_under_jit_vmap_and_grad(jacobian):
     assert max_relative_difference(grad, grad_ref) <= 1e-9
 
 
-def _gru(gain):
-    cell = eqx.nn.GRUCell(3, 4, key=jax.random.key(0))
-    cell = jax.tree_util.tree_map(lambda x: gain * x if eqx.is_array(x) else x, cell)
-    xs = jax.random.normal(jax.random.key(1), (2, 200, 3))
-    return cell, xs
-
-
 @pytest.mark.parametrize(
     "jacobian", ["full", pytest.param("diagonal", marks=pytest.mark.slow)]
 )
 def test_scan_under_jit_vmap_and_grad(jacobian):
-    cell, xs = _gru(2.0)
-    h0 = jnp.zeros(4)
-
-    def final(cell, xs, parallel):
-        step = lambda h, x: (cell(x, h), None)
-        if parallel:
-            out, stats = deer_diffrax.scan(
-                step,
-                h0,
-                xs,
-                jacobian=jacobian,
-                damping=TrustRegion(),
-                throw=False,
-                return_stats=True,
-            )
-            return jnp.sum(out[0] ** 2), stats.result
-        return jnp.sum(jax.lax.scan(step, h0, xs)[0] ** 2), None
-
-    def value_and_grad(parallel):
-        fn = eqx.filter_value_and_grad(
-            lambda c, x: final(c, x, parallel)[0], has_aux=False
-        )
-        return eqx.filter_jit(eqx.filter_vmap(fn, in_axes=(None, 0)))(cell, xs)
-
-    (value, grad), (value_ref, grad_ref) = value_and_grad(True), value_and_grad(False)
-    results = eqx.filter_vmap(lambda x: final(cell, x, True)[1])(xs)
-    assert bool(jnp.all(results == optx.RESULTS.successful))
-    assert max_relative_difference(value, value_ref) <= 1e-9
-    grads = jax.tree_util.tree_leaves(eqx.filter(grad, eqx.is_array))
-    grads_ref = jax.tree_util.tree_leaves(eqx.filter(grad_ref, eqx.is_array))
-    assert max_relative_difference(grads, grads_ref) <= 1e-9
-
-
-def test_damping_shorthands_still_build_their_strategies():
-    shrink = deer_diffrax.ShrinkBlocksDamping
-    assert isinstance(DeerSolver(damping=True).damping, shrink)
-    assert isinstance(DeerSolver(damping=False).damping, deer_diffrax.NoDamping)
-    assert isinstance(DeerSolver(damping=TrustRegion()).damping, TrustRegion)
+    check_scan_under_jit_vmap_and_grad(TrustRegion(), jacobian)
