@@ -39,13 +39,18 @@ def _ht(a: Array) -> Array:
     return jnp.conj(jnp.swapaxes(a, -1, -2))
 
 
+def _plus_identity(x: Array) -> Array:
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    return x + jnp.broadcast_to(eye, x.shape)
+
+
 def _solve(a: Array, b: Array) -> Array:
     """`a^{-1} b` for batches of small square `a` (`(..., n, n)`, `b` `(..., n, m)`),
     by Gauss-Jordan elimination with partial pivoting written in JAX: inside
     Newton's loop, XLA's calls into LAPACK were seen to deadlock on CPU."""
     size = a.shape[-1]
     system = jnp.concatenate([a, b], axis=-1)
-    rows = jnp.arange(size)
+    rows = jnp.broadcast_to(jnp.arange(size), a.shape[:-1])
 
     def eliminate(k, system):
         column = jnp.abs(system[..., :, k])
@@ -71,11 +76,10 @@ def _combine(earlier, later):
     # state before it, `(eta, Jm)` the information it holds about that state.
     a1, b1, c1, eta1, jm1 = earlier
     a2, b2, c2, eta2, jm2 = later
-    eye = jnp.eye(a1.shape[-1], dtype=a1.dtype)
     # a2 (I + c1 jm2)^{-1}, as a solve with the transposed matrix.
-    a2_m = _ht(_solve(_ht(eye + _mm(c1, jm2)), _ht(a2)))
+    a2_m = _ht(_solve(_ht(_plus_identity(_mm(c1, jm2))), _ht(a2)))
     # a1^H (I + jm2 c1)^{-1}
-    a1h_n = _ht(_solve(_ht(eye + _mm(jm2, c1)), a1))
+    a1h_n = _ht(_solve(_ht(_plus_identity(_mm(jm2, c1))), a1))
     a = _mm(a2_m, a1)
     b = _mv(a2_m, b1 + _mv(c1, eta2)) + b2
     c = _mm(_mm(a2_m, c1), _ht(a2)) + c2
@@ -107,7 +111,7 @@ def _dense_step(blocks: Array, residual: Array, lam: Array) -> Array:
     # (J_{i+1} P_i J_{i+1}^H + I)^{-1} and g_i = m_i - E_i (J_{i+1} m_i + F_{i+1}).
     nxt = jac[1:]
     p = covariances[:-1]
-    predicted = _mm(_mm(nxt, p), _ht(nxt)) + eye
+    predicted = _plus_identity(_mm(_mm(nxt, p), _ht(nxt)))
     gains = _ht(_solve(predicted, _mm(nxt, _ht(p))))
     offsets = means[:-1] - _mv(gains, _mv(nxt, means[:-1]) + residual[1:])
     # As a forward recurrence in reversed time; its first block is unused.
@@ -207,9 +211,9 @@ class LevenbergMarquardt(AbstractDamping):
     `lambda` of `0.01` to `1`, as ELK uses). With `jacobian="diagonal"` it
     solved none of the five ODE windows: a quasi-Newton step need not lower the
     merit, so the strict test stalls. Where no trial was rejected (the GRU with
-    weights x4) it took the same iterations as plain Newton in both modes. Prefer `TrustRegion`; this strategy is the
-    Levenberg-Marquardt reference point, and `deer_diffrax.levenberg_marquardt_step`
-    its parallel solve.
+    weights x4) it took the same iterations as plain Newton in both modes. Prefer
+    `TrustRegion`; this strategy is the Levenberg-Marquardt reference point, and
+    `deer_diffrax.levenberg_marquardt_step` its parallel solve.
 
     **Arguments:** none.
     """

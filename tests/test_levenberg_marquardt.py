@@ -34,13 +34,15 @@ def test_step_solves_the_damped_normal_equations(layout):
     residual = jnp.asarray(rng.standard_normal((num_steps, size)))
     matrix = np.asarray(BlockBidiagonalOperator(blocks).as_matrix())
     step = jax.jit(levenberg_marquardt_step)
+    strict = jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise")
     for lam in (0.0, 1e-3, 0.7, 50.0):
         # argmin |F - L dY|^2 + lam |dY|^2; at lam = 0 Newton's L dY = F.
         expected = np.linalg.solve(
             matrix.T @ matrix + lam * np.eye(num_steps * size),
             matrix.T @ np.asarray(residual).reshape(-1),
         ).reshape(num_steps, size)
-        update = step(blocks, residual, jnp.asarray(lam))
+        with strict[0], strict[1]:
+            update = step(blocks, residual, jnp.asarray(lam))
         assert max_relative_difference(update, expected) <= 1e-10, lam
 
 
@@ -73,10 +75,14 @@ def test_matches_sequential_where_newton_converges():
         saveat=diffrax.SaveAt(t1=True, solver_state=isinstance(solver, DeerSolver)),
         max_steps=201,
     )
-    deer = solve(
-        DeerSolver(num_substeps=200, jacobian=jacobian, damping=LevenbergMarquardt()),
-        2.0,
-    )
+    # Both branches of the step (Newton's solve and the smoother) are traced.
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        deer = solve(
+            DeerSolver(
+                num_substeps=200, jacobian=jacobian, damping=LevenbergMarquardt()
+            ),
+            2.0,
+        )
     plain = solve(DeerSolver(num_substeps=200, jacobian=jacobian, damping=False), 2.0)
     sequential = solve(diffrax.Tsit5(), 0.01)
     assert max_relative_difference(deer.ys, sequential.ys) <= 1e-10
