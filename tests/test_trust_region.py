@@ -171,3 +171,10 @@ def test_deer_solver_under_jit_vmap_and_grad(jacobian):
 )
 def test_scan_under_jit_vmap_and_grad(jacobian):
     check_scan_under_jit_vmap_and_grad(TrustRegion(), jacobian)
+
+
+def test_damping_shorthands_still_build_their_strategies():
+    shrink = deer_diffrax.ShrinkBlocksDamping
+    assert isinstance(DeerSolver(damping=True).damping, shrink)
+    assert isinstance(DeerSolver(damping=False).damping, deer_diffrax.NoDamping)
+    assert isinstance(DeerSolver(damping=TrustRegion()).damping, TrustRegion)
