@@ -20,7 +20,7 @@ import lineax as lx
 from jaxtyping import Array, Float
 
 from ._damping import AbstractDamping
-from ._operator import apply_blocks, BlockBidiagonalOperator, shift_in
+from ._operator import BlockBidiagonalOperator
 from ._scan_solve import solve_linear_recurrence
 
 
@@ -145,8 +145,7 @@ def levenberg_marquardt_step(blocks: Array, residual: Array, lam: Array) -> Arra
 
 def linearised_residual(blocks: Array, residual: Array, update: Array) -> Array:
     """`F - L dY`: the residual at `Y - dY` predicted by the linearisation."""
-    coupled = apply_blocks(blocks, shift_in(jnp.zeros_like(update[0]), update))
-    return residual - (update - coupled)
+    return residual - BlockBidiagonalOperator(blocks).mv(update)
 
 
 # The damping parameter of the first rejection, relative to the unit diagonal of `L`.
