@@ -63,6 +63,57 @@ def _interleave(even: Array, odd: Array) -> Array:
     return pairs.reshape((2 * even.shape[0],) + even.shape[1:])[:num]
 
 
+def _identity_blocks(blocks: Array, rhs: Array) -> Array:
+    """Identity blocks shaped like `blocks` (all ones for diagonal blocks)."""
+    if blocks.ndim == rhs.ndim:
+        return jnp.ones_like(blocks)
+    eye = jnp.eye(blocks.shape[-1], dtype=blocks.dtype)
+    return jnp.broadcast_to(eye, blocks.shape)
+
+
+def _solve_by_doubling(blocks: Array, rhs: Array) -> Array:
+    # Prefix compositions by recursive doubling: after the round with shift `s`,
+    # element `i` holds the composition of steps `i - 2s + 1 .. i` (clipped at 0),
+    # and once it reaches step 0 its affine part is `x_i` (`x_{-1} = 0`). Every
+    # round has the same shapes, so this is one loop body however many rounds:
+    # `log2 m` rounds of `m` compositions, against `2m` compositions in as many
+    # unrolled levels for halving. Used where the sequence is short enough that
+    # the extra work is cheaper than compiling (and, on a CPU, launching) the
+    # levels.
+    num_steps = rhs.shape[0]
+    # `blocks[0]` multiplies `x_{-1} = 0`; it may even be non-finite.
+    blocks = blocks.at[0].set(jnp.zeros_like(blocks[0]))
+    identity = _identity_blocks(blocks, rhs)
+    index = jnp.arange(num_steps)
+
+    def double(round_, maps):
+        shift = 2**round_
+        has_earlier = index >= shift
+
+        def earlier(x, default):
+            mask = has_earlier.reshape((num_steps,) + (1,) * (x.ndim - 1))
+            return jnp.where(mask, jnp.roll(x, shift, axis=0), default)
+
+        a, b = maps
+        return compose_affine((earlier(a, identity), earlier(b, 0)), (a, b))
+
+    num_rounds = max(1, (num_steps - 1).bit_length())
+    _, solution = jax.lax.fori_loop(0, num_rounds, double, (blocks, rhs))
+    return solution
+
+
+def _doubling_size(blocks: Array) -> int:
+    """The length below which `_solve_by_halves` hands over to `_solve_by_doubling`:
+    128 steps for blocks of up to 8 x 8 (measured on a 2-core CPU: compile time
+    of the recurrence alone roughly halved at T = 1e3..1e5, run time unchanged
+    within noise), fewer for larger blocks, whose `n^3` products make the extra
+    work of doubling show (n = 32, T = 1e3: 4.9 ms by halves against 7.3 ms
+    with 128)."""
+    if blocks.ndim == 2:  # diagonal blocks: elementwise products
+        return 128
+    return 128 if blocks.shape[-1] <= 8 else 32
+
+
 def _solve_by_halves(blocks: Array, rhs: Array) -> Array:
     # Pairing neighbours, `x_{2k+1} = (J_{2k+1} J_{2k}) x_{2k-1} + (J_{2k+1} r_{2k} +
     # r_{2k+1})` is a recurrence of the same form (with `x_{-1} = 0`) over the odd
@@ -74,6 +125,8 @@ def _solve_by_halves(blocks: Array, rhs: Array) -> Array:
     num_steps = rhs.shape[0]
     if num_steps == 1:
         return rhs  # x_0 = r_0: blocks[0] multiplies x_{-1} = 0.
+    if num_steps <= _doubling_size(blocks):
+        return _solve_by_doubling(blocks, rhs)
     pair_blocks, pair_rhs = compose_affine(
         (blocks[0:-1:2], rhs[0:-1:2]), (blocks[1::2], rhs[1::2])
     )
@@ -168,7 +221,9 @@ class AssociativeScanSolver(AbstractBidiagonalScanSolver):
     transpose) by a parallel prefix computation in `O(log T)` depth: neighbouring
     steps are composed pairwise into a recurrence half as long, solved the same
     way, and the remaining steps filled in by matrix-vector products (about `T`
-    block products in all; no prefix products of the blocks are formed).
+    block products in all; no prefix products of the blocks are formed). The
+    last, short levels (up to 128 steps) are one loop of recursive doubling, which
+    compiles to one loop body instead of a copy per level.
 
     Accepts a [`deer_diffrax.BlockBidiagonalOperator`][] directly, or any Lineax
     operator on `(T, n)` arrays carrying

@@ -1,6 +1,8 @@
 """The block-bidiagonal operator and the associative-scan Lineax solver against dense
 linear algebra."""
 
+import functools as ft
+
 import jax
 import jax.numpy as jnp
 import lineax as lx
@@ -14,6 +16,7 @@ from deer_diffrax import (
     solve_linear_recurrence,
     unit_lower_block_bidiagonal_tag,
 )
+from deer_diffrax._operator import dense_blocks
 
 
 def _blocks(kind, t=37, n=3, seed=0):
@@ -42,16 +45,59 @@ def test_scan_solve_matches_dense(kind, lower):
     assert jnp.allclose(solution, expected, rtol=1e-11, atol=1e-11)
 
 
-def test_recurrence_matches_sequential_loop():
-    blocks = _blocks("full", t=20, n=2)
-    rhs = jax.random.normal(jax.random.PRNGKey(5), (20, 2))
-    x = solve_linear_recurrence(blocks, rhs)
-    state = rhs[0]
-    expected = [state]
-    for i in range(1, 20):
-        state = blocks[i] @ state + rhs[i]
-        expected.append(state)
-    assert jnp.allclose(x, jnp.stack(expected), rtol=1e-12, atol=1e-12)
+def _sequential_recurrence(blocks, rhs):
+    def step(state, block_and_rhs):
+        block, r = block_and_rhs
+        state = block @ state + r
+        return state, state
+
+    _, later = jax.lax.scan(step, rhs[0], (dense_blocks(blocks)[1:], rhs[1:]))
+    return jnp.concatenate([rhs[:1], later])
+
+
+# Lengths on both sides of where halving hands over to recursive doubling (128 steps
+# for small blocks, 32 for large ones), odd and even, and the degenerate ones.
+@pytest.mark.parametrize(
+    "layout, t",
+    [("dense", t) for t in (1, 128, 129, 1001)]
+    + [("diagonal", 2), ("diagonal", 129), ("block_diagonal", 3)]
+    + [("block_diagonal", 300), ("large", 32), ("large", 33), ("large", 300)],
+)
+def test_recurrence_matches_sequential_loop(layout, t):
+    key_blocks, key_rhs = jax.random.split(jax.random.PRNGKey(5))
+    shape, n = {
+        "dense": ((t, 2, 2), 2),
+        "diagonal": ((t, 3), 3),
+        "block_diagonal": ((t, 2, 2, 2), 4),
+        "large": ((t, 12, 12), 12),
+    }[layout]
+    # Contracting on average, so that 1000 steps stay representable.
+    blocks = jax.random.normal(key_blocks, shape) * 0.9 / jnp.sqrt(shape[-1])
+    # `blocks[0]` multiplies `x_{-1} = 0` and is ignored, even if it is not finite.
+    blocks = blocks.at[0].set(jnp.nan)
+    rhs = jax.random.normal(key_rhs, (t, n))
+    x = jax.jit(solve_linear_recurrence)(blocks, rhs)
+    expected = _sequential_recurrence(blocks.at[0].set(0.0), rhs)
+    assert jnp.allclose(x, expected, rtol=1e-11, atol=1e-11)
+
+
+def test_recurrence_gradient_matches_sequential_loop():
+    # `solve_linear_recurrence` is public: differentiable directly (both code
+    # paths: 200 steps are halved once, then doubled).
+    blocks = _blocks("full", t=200, n=2) * 0.5
+    rhs = jax.random.normal(jax.random.PRNGKey(8), (200, 2))
+
+    def loss(solve, blocks, rhs):
+        return jnp.sum(jnp.sin(solve(blocks, rhs)))
+
+    grads = jax.grad(ft.partial(loss, solve_linear_recurrence), argnums=(0, 1))(
+        blocks, rhs
+    )
+    expected = jax.grad(ft.partial(loss, _sequential_recurrence), argnums=(0, 1))(
+        blocks, rhs
+    )
+    for got, want in zip(grads, expected, strict=True):
+        assert jnp.allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_transpose_solve_and_autodiff():
