@@ -11,7 +11,8 @@ import numpy as np
 
 TOTAL_SUBSTEPS = 1200
 WINDOW_COUNTS = (1, 10, 100)
-MODES = ("full", "diagonal")
+# Jacobian modes, and "lm": full Newton damped by `LevenbergMarquardt`.
+MODES = ("full", "diagonal", "lm")
 
 
 def _pendulum(t, y, args):
@@ -90,7 +91,7 @@ def solve(name, dtype, windows=None, mode="full"):
     """The final state of problem `name` in `dtype`: sequential Tsit5 with
     `TOTAL_SUBSTEPS` steps (`windows=None`), or DeerSolver with that many windows
     over the same grid. Returns `(y1, successful, total Newton iterations)`."""
-    from deer_diffrax import DeerSolver, diagnostics
+    from deer_diffrax import DeerSolver, diagnostics, LevenbergMarquardt
 
     field, y0, t1, args = PROBLEMS[name]
     y0, args = cast(y0, dtype), cast(args, dtype)
@@ -99,8 +100,13 @@ def solve(name, dtype, windows=None, mode="full"):
     if windows is None:
         solver, dt0, max_steps = diffrax.Tsit5(), t1 / TOTAL_SUBSTEPS, TOTAL_SUBSTEPS
     else:
+        options = (
+            dict(jacobian="full", damping=LevenbergMarquardt())
+            if mode == "lm"
+            else dict(jacobian=mode)
+        )
         solver = DeerSolver(
-            num_substeps=TOTAL_SUBSTEPS // windows, jacobian=mode, max_newton_steps=100
+            num_substeps=TOTAL_SUBSTEPS // windows, max_newton_steps=100, **options
         )
         dt0, max_steps = t1 / windows, windows
     sol = diffrax.diffeqsolve(
