@@ -316,6 +316,16 @@ EXAMPLES = (
     Example(
         "continuous_normalising_flow",
         swap=(swap("        solver = diffrax.Tsit5()\n", "diffrax.Tsit5()", count=3),),
+        # Each solve in one window of 10 substeps: the original grid (`dt0 = 0.05`
+        # over an interval of 0.5).
+        recommended=(
+            Edit("self.dt0 = 0.05\n", "self.dt0 = 0.5\n"),
+            Edit(
+                "deer_diffrax.DeerSolver(diffrax.Tsit5())",
+                "deer_diffrax.DeerSolver(diffrax.Tsit5(), num_substeps=10)",
+                count=3,
+            ),
+        ),
         shrink=(
             # imageio is not a dependency here: read the PNG with matplotlib, as
             # the integers 0..255 that imageio returns.

@@ -29,7 +29,10 @@ states with respect to the parameters (errors then compare the gradients). The t
 deer-diffrax GRU call is `deer_diffrax.scan(step, h0, xs)` with its defaults (no
 statistics, so no Lyapunov estimate); its Newton iterations come from a separate,
 untimed call with `return_stats=True`. Both DEER codes run at their default
-tolerances. Timing: every function compiled ahead of time and run once, then
+tolerances; for the GRU, deer-diffrax also runs at the reference's default
+tolerances (`rtol, atol` = `1e-3, 1e-4` in float32, `1e-4, 1e-6` in float64: the
+same convergence test as ours with looser values), the last three columns.
+Timing: every function compiled ahead of time and run once, then
 `--repeats` interleaved rounds (each round runs every solver once, so load changes
 hit all alike); the table shows the fastest round and ratios (`> 1`: deer-diffrax is
 slower). The reference does not report its iteration
@@ -167,8 +170,18 @@ def reference_iterations(solve_with_max_iter, params, data, converged) -> int | 
 # GRU
 
 
+def reference_tolerances(dtype) -> dict:
+    """The reference's default convergence tolerances (`deer.seq1d`): the same test
+    as ours, `|update| <= atol + rtol |h|` at every step, with other values."""
+    if jnp.dtype(dtype) == jnp.float64:
+        return dict(rtol=1e-4, atol=1e-6)
+    return dict(rtol=1e-3, atol=1e-4)
+
+
 def gru_solvers(static, h0):
-    """`(params, xs) -> (states, iterations)` for each solver of the GRU."""
+    """`(params, xs) -> (states, iterations)` for each solver of the GRU, and
+    deer-diffrax's iteration counters (at its defaults, and at the reference's
+    tolerances)."""
 
     def cell(params):
         return eqx.combine(params, static)
@@ -182,7 +195,7 @@ def gru_solvers(static, h0):
 
         return jax.lax.scan(step, h0, xs)[1], jnp.asarray(0)
 
-    def ours(params, xs, return_stats=False):
+    def ours(params, xs, return_stats=False, **tolerances):
         gru = cell(params)
 
         def step(h, x):
@@ -191,11 +204,14 @@ def gru_solvers(static, h0):
 
         if not return_stats:
             # What a user calls: no statistics (so no Lyapunov estimate).
-            return deer_diffrax.scan(step, h0, xs)[1], jnp.asarray(-1)
+            return deer_diffrax.scan(step, h0, xs, **tolerances)[1], jnp.asarray(-1)
         (_, states), stats = deer_diffrax.scan(
-            step, h0, xs, throw=False, return_stats=True
+            step, h0, xs, throw=False, return_stats=True, **tolerances
         )
         return states, stats.num_newton_steps
+
+    def ours_reference_tolerance(params, xs, return_stats=False):
+        return ours(params, xs, return_stats, **reference_tolerances(h0.dtype))
 
     def reference_func(h, x, params):
         return cell(params)(x, h)
@@ -207,10 +223,18 @@ def gru_solvers(static, h0):
     def reference_solver(params, xs):
         return reference(params, xs), jnp.asarray(0)
 
-    solvers = dict(lax_scan=lax_scan, ours=ours, reference=reference_solver)
-    # The timed call returns no statistics; the iterations come from an untimed
-    # call that does.
-    count = jax.jit(lambda params, xs: ours(params, xs, return_stats=True)[1])
+    solvers = dict(
+        lax_scan=lax_scan,
+        ours=ours,
+        reference=reference_solver,
+        ours_reftol=ours_reference_tolerance,
+    )
+    # The timed calls return no statistics; the iterations come from untimed
+    # calls that do.
+    count = {
+        name: jax.jit(lambda params, xs, f=solvers[name]: f(params, xs, True)[1])
+        for name in ("ours", "ours_reftol")
+    }
     return solvers, reference, count
 
 
@@ -273,7 +297,7 @@ def ode_solvers(num_steps: int, dtype):
         return reference(params, data)[-1:], jnp.asarray(0)
 
     solvers = dict(lax_scan=sequential, ours=ours, reference=reference_solver)
-    count = jax.jit(lambda params, data: ours(params, data)[1])
+    count = dict(ours=jax.jit(lambda params, data: ours(params, data)[1]))
     return solvers, reference, fine, count
 
 
@@ -294,6 +318,9 @@ _HEADER = [
     "its (ours / ref)",
     "err ours",
     "err ref",
+    "ours at ref tol / reference",
+    "its (ours at ref tol)",
+    "err ours at ref tol",
 ]
 
 
@@ -314,9 +341,9 @@ def measure_row(
     repeats,
     count_iterations,
 ):
-    """Times the three solvers of one configuration and returns the table row.
-    `count_iterations(params, data)` gives deer-diffrax's Newton iterations
-    (untimed)."""
+    """Times the solvers of one configuration and returns the table row.
+    `count_iterations[name](params, data)` gives deer-diffrax's Newton iterations
+    (untimed) for each of its variants."""
     fns = {
         name: (solve if pass_ == "fwd" else with_grad(solve))
         for name, solve in solvers.items()
@@ -331,7 +358,7 @@ def measure_row(
     else:
         values = {name: out[1] for name, out in outputs.items()}
     target = values["lax_scan"] if exact is None else exact
-    iterations = int(count_iterations(params, data))
+    iterations = {name: int(f(params, data)) for name, f in count_iterations.items()}
     key = (task, size, num_steps, dtype)
     if key not in _REFERENCE_ITERATIONS:
         converged = jax.jit(reference)(params, data)
@@ -350,10 +377,18 @@ def measure_row(
         format_seconds(times["ours"]),
         f"**{times['ours'] / times['reference']:.2f}**",
         f"{times['ours'] / times['lax_scan']:.2f}",
-        f"{iterations} / {ref_its if ref_its is not None else '?'}",
+        f"{iterations['ours']} / {ref_its if ref_its is not None else '?'}",
         f"{rel_error(values['ours'], target):.1e}",
         f"{rel_error(values['reference'], target):.1e}",
-    ]
+    ] + (
+        [
+            f"{times['ours_reftol'] / times['reference']:.2f}",
+            f"{iterations['ours_reftol']}",
+            f"{rel_error(values['ours_reftol'], target):.1e}",
+        ]
+        if "ours_reftol" in times
+        else ["-"] * 3
+    )
 
 
 def gru_rows(args):
