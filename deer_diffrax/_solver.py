@@ -386,16 +386,8 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             self, terms, t0, t1, y0, args, solver_state, jnp.asarray(made_jump)
         )
 
-    def _step(
-        self,
-        terms,
-        t0,
-        t1,
-        y0,
-        args,
-        solver_state: DeerState,
-        made_jump,
-    ) -> tuple[PyTree, PyTree | None, dict[str, Any], DeerState, diffrax.RESULTS]:
+    def _step(self, terms, t0, t1, y0, args, solver_state: DeerState, made_jump):
+        """`step`'s work, traced once behind `_jitted_step`."""
         # The Newton unknowns: the state, and the base solver's own state if it
         # carries one between steps.
         y_start, unravel = real_ravel(_unknowns(y0, solver_state.base_state))
