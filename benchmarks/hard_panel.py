@@ -133,6 +133,8 @@ def ode_solve(field, length, substeps, mode, damping, max_newton_steps):
         jacobian=mode,
         damping=damping,
         max_newton_steps=max_newton_steps,
+        # The exponent beside each row (off by default in the library).
+        estimate_lyapunov=True,
     )
 
     @jax.jit
