@@ -140,10 +140,17 @@ class DeerNewton(optx.AbstractRootFinder):
         `norm(x / (atol + rtol |at|))`, with the default tolerance of `at`'s dtype
         where `rtol` or `atol` is `None`. A trajectory is converged when its error
         has a scaled norm of at most 1."""
+        return self._norm_in(x, self._tolerance_at(at))
+
+    def _tolerance_at(self, at: Array) -> Array:
+        """`atol + rtol |at|` entrywise: the unit of `scaled_norm` at `at`."""
         default = default_tolerance(at.dtype)
         rtol = default if self.rtol is None else self.rtol
         atol = default if self.atol is None else self.atol
-        return jnp.real(self.norm(x / (atol + rtol * jnp.abs(at))))
+        return atol + rtol * jnp.abs(at)
+
+    def _norm_in(self, x: Array, tolerance: Array) -> Float[Array, ""]:
+        return jnp.real(self.norm(x / tolerance))
 
     def _keeps_anchor_linearisation(self) -> bool:
         # With damping, a rejected trial needs the residual and blocks at the last
@@ -187,8 +194,8 @@ class DeerNewton(optx.AbstractRootFinder):
         struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
         first = state.num_steps == 0
 
-        def scaled_norm(x, at):
-            return self.scaled_norm(x, at).astype(state.residual_norm.dtype)
+        def norm_in(x, tolerance):
+            return self._norm_in(x, tolerance).astype(state.residual_norm.dtype)
 
         keep = self._keeps_anchor_linearisation()
         may_reject = self.damping.may_reject
@@ -200,7 +207,8 @@ class DeerNewton(optx.AbstractRootFinder):
             # solver's own tangent solve raises on the NaNs of its failed stage
             # solve).
             trial_residual, aux = fn(y, args)
-        trial_norm = scaled_norm(trial_residual, y)
+        trial_tolerance = self._tolerance_at(y)
+        trial_norm = norm_in(trial_residual, trial_tolerance)
         trial_finite = jnp.all(jnp.isfinite(trial_residual))
         accept, damping = self.damping.judge(
             state.damping,
@@ -213,6 +221,14 @@ class DeerNewton(optx.AbstractRootFinder):
 
         if may_reject:
             anchor = jnp.where(accept, y, state.anchor)
+            # The same values as `_tolerance_at(anchor)`, but selected rather than
+            # recomputed from the selected anchor: XLA then reduces both norms of
+            # the step plainly, where otherwise each fused its own tolerance into a
+            # slower reduction (measured on a GRU scan, hidden 8, T = 1e4, float32:
+            # damping cost 22-33% over none before, 4-9% after).
+            anchor_tolerance = jnp.where(
+                accept, trial_tolerance, self._tolerance_at(state.anchor)
+            )
             residual_norm = jnp.where(accept, trial_norm, state.residual_norm)
             # Only a non-finite starting residual is beyond rescue.
             still_finite = state.finite & (trial_finite | jnp.invert(first))
@@ -225,6 +241,7 @@ class DeerNewton(optx.AbstractRootFinder):
             anchor_residual = residual
         else:
             anchor = y
+            anchor_tolerance = trial_tolerance
             residual_norm = trial_norm
             still_finite = state.finite & trial_finite
             num_rejected = state.num_rejected
@@ -233,7 +250,7 @@ class DeerNewton(optx.AbstractRootFinder):
         update, new_y, damping = self.damping.update(
             damping, anchor, blocks, residual, self.linear_solver
         )
-        update_norm = scaled_norm(update, anchor)
+        update_norm = norm_in(update, anchor_tolerance)
         update_finite = jnp.all(jnp.isfinite(new_y))
         damping = self.damping.after_update(damping, update_finite)
         if may_reject:
