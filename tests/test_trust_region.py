@@ -63,7 +63,9 @@ def test_plain_newton_where_newton_converges(jacobian):
     assert int(trust.solver_state.total_newton_steps) == int(
         plain.solver_state.total_newton_steps
     )
-    np.testing.assert_array_equal(trust.ys, plain.ys)
+    # The same iterates; not bit for bit, as the two are different XLA programs whose
+    # kernels may fuse (and so round) differently.
+    assert max_relative_difference(trust.ys, plain.ys) <= 1e-14
 
 
 @pytest.mark.parametrize(
