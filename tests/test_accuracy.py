@@ -20,15 +20,19 @@ from _accuracy_problems import MODES, PROBLEMS, solve, WINDOW_COUNTS
 from deer_diffrax import DeerSolver
 
 
-# The layouts run by default (each mode in 10 windows on a conservative, a
-# predator-prey and a neural field, one long window with full Newton, the short
-# windows that were furthest off in diagonal mode, and Levenberg-Marquardt damping
-# on Van der Pol); the rest of the panel runs with
+# The layouts run by default (both Jacobian modes in 10 windows on every problem
+# but the rotation, one long window with full Newton, the short windows that were
+# furthest off in diagonal mode, and Levenberg-Marquardt damping on Van der Pol);
+# the rest of the panel runs with
 # `-m slow` (each layout costs a compilation, in float64 and again in float32).
 _DEFAULT = {
     ("pendulum", 10, "full"),
     ("pendulum", 10, "diagonal"),
     ("lotka_volterra", 10, "full"),
+    ("lotka_volterra", 10, "diagonal"),
+    ("van_der_pol", 10, "full"),
+    ("van_der_pol", 10, "diagonal"),
+    ("mlp", 10, "full"),
     ("mlp", 10, "diagonal"),
     ("pendulum", 1, "full"),
     ("rotation", 100, "diagonal"),
