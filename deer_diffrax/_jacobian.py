@@ -60,6 +60,23 @@ class AbstractJacobianMode(eqx.Module):
         [`deer_diffrax.BlockBidiagonalOperator`][] accepts.
         """
 
+    def restrict(self, dense: Inexact[Array, "*batch n n"]) -> Array | None:
+        """The blocks this mode keeps, taken from dense Jacobians, or `None` (the
+        default) if the mode reads its blocks only through `blocks`.
+
+        Where every step's dense Jacobian can be computed directly (a
+        [`deer_diffrax.scan`][] cell, `jax.jacfwd` batched over time), this is
+        cheaper than probing the linearised residual, which `blocks` does.
+
+        **Arguments:**
+
+        - `dense`: Jacobians `J[..., i, j] = d f_i / d h_j`, any leading axes.
+
+        **Returns:** the mode's blocks with the same leading axes, or `None`.
+        """
+        del dense
+        return None
+
 
 class FullJacobian(AbstractJacobianMode):
     """Exact Newton: dense `n x n` blocks, `O(T n^2)` memory and `O(T n^3)` scan work.
@@ -75,6 +92,9 @@ class FullJacobian(AbstractJacobianMode):
         eye = jnp.eye(struct.shape[1], dtype=struct.dtype)
         # out[j, i, k] = delta_jk - J_i[k, j]
         return eye[None] - jnp.transpose(out, (1, 2, 0))
+
+    def restrict(self, dense):
+        return dense
 
 
 class DiagonalJacobian(AbstractJacobianMode):
@@ -96,6 +116,9 @@ class DiagonalJacobian(AbstractJacobianMode):
         # outputs stay at most `batch x T x n` rather than `n x T x n`.
         out = jax.lax.map(diagonal_entry, jnp.arange(size), batch_size=min(size, 16))
         return 1 - out.T
+
+    def restrict(self, dense):
+        return jnp.diagonal(dense, axis1=-2, axis2=-1)
 
 
 class BlockDiagonalJacobian(AbstractJacobianMode):
@@ -173,6 +196,22 @@ class BlockDiagonalJacobian(AbstractJacobianMode):
         eye = jnp.eye(k, dtype=struct.dtype)
         # out[t, b, i, j] = delta_ij - J_t[bk + i, bk + j]
         return eye - out
+
+    def restrict(self, dense):
+        if self.structured:
+            return None  # `k` probes are cheaper than `n` dense columns
+        size = dense.shape[-1]
+        k = self.block_size
+        if size % k:
+            raise ValueError(
+                f"`BlockDiagonalJacobian(block_size={k})`: the block size must divide "
+                f"the size of the flat state, {size}."
+            )
+        pieces = size // k
+        split = dense.reshape(dense.shape[:-2] + (pieces, k, pieces, k))
+        # (..., b, i, b', j) -> the b == b' blocks, (..., i, j, b) -> (..., b, i, j)
+        diagonal = jnp.diagonal(split, axis1=-4, axis2=-2)
+        return jnp.moveaxis(diagonal, -1, -3)
 
 
 def jacobian_mode(mode: "str | AbstractJacobianMode") -> AbstractJacobianMode:

@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, PyTree
 
-from ._jacobian import AbstractJacobianMode, FullJacobian
+from ._jacobian import AbstractJacobianMode
 
 
 class AbstractLinearisation(eqx.Module):
@@ -111,22 +111,26 @@ class SurrogateLinearisation(AbstractLinearisation):
 
 
 class StepwiseLinearisation(AbstractLinearisation):
-    """The exact Jacobian of the residual, with dense blocks computed step by step
-    by a given function (for `deer_diffrax.scan`, a `jax.vmap` over time of
-    `jax.jacfwd` of the cell), instead of probing a linearisation of the whole
-    trajectory `n` times: the same blocks, without storing the linearisation
-    (measured 2-5x faster per iteration for a GRU cell on CPU). Other Jacobian modes
-    than [`deer_diffrax.FullJacobian`][] probe the residual's linearisation, as
-    [`deer_diffrax.ResidualLinearisation`][] does.
+    """The exact Jacobian of the residual, with blocks computed step by step by a
+    given function (for `deer_diffrax.scan`, `jax.jacfwd` of the cell batched over
+    time), instead of probing a linearisation of the whole trajectory `n` times:
+    the same blocks, without storing the linearisation (measured 2-5x faster per
+    iteration for a GRU cell on CPU). Jacobian modes that can take their blocks
+    from dense ones ([`deer_diffrax.AbstractJacobianMode.restrict`][]: full,
+    diagonal, block-diagonal) get them this way; the others probe the residual's
+    linearisation, as [`deer_diffrax.ResidualLinearisation`][] does.
 
     **Arguments:**
 
-    - `residual_and_step_blocks`: `(Y, args) -> (F(Y), blocks)`, the residual and
-        its exact `(T, n, n)` blocks `J_i`, for a residual without aux output.
+    - `residual_and_step_blocks`: `(Y, args, restrict) -> (F(Y), blocks)`, the
+        residual (without aux output) and `restrict` applied to each step's exact
+        dense Jacobian `J_i`.
     - `safe_at_trials`: as for [`deer_diffrax.ResidualLinearisation`][].
     """
 
-    residual_and_step_blocks: Callable[[Array, Any], tuple[Array, Array]]
+    residual_and_step_blocks: Callable[
+        [Array, Any, Callable[[Array], Array]], tuple[Array, Array]
+    ]
     safe_at_trials: bool = eqx.field(static=True, default=False)
     exact: ClassVar[bool] = True
 
@@ -134,7 +138,9 @@ class StepwiseLinearisation(AbstractLinearisation):
         return ResidualLinearisation(self.safe_at_trials).linearise(fn, y, args)
 
     def residual_and_blocks(self, fn, y, args, jacobian, struct):
-        if isinstance(jacobian, FullJacobian):
-            residual, blocks = self.residual_and_step_blocks(y, args)
-            return residual, None, blocks
-        return super().residual_and_blocks(fn, y, args, jacobian, struct)
+        size = struct.shape[-1]
+        dense = jax.ShapeDtypeStruct((size, size), struct.dtype)
+        if jax.eval_shape(jacobian.restrict, dense) is None:
+            return super().residual_and_blocks(fn, y, args, jacobian, struct)
+        residual, blocks = self.residual_and_step_blocks(y, args, jacobian.restrict)
+        return residual, None, blocks

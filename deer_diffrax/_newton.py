@@ -338,10 +338,16 @@ class DeerNewton(optx.AbstractRootFinder):
             # the quasi-Newton iterate to first order, a check that sees everything;
             # applying it squares that error.
             start = jnp.where(jnp.all(jnp.isfinite(y)), y, state.anchor)
-            residual, linear_fn, _ = jax.linearize(
-                lambda _y: fn(_y, args), start, has_aux=True
+            # The exact blocks, the cheapest way the linearisation offers them (a
+            # surrogate's are not the residual's: then by probing the residual).
+            exact = (
+                self.linearisation
+                if self.linearisation.exact
+                else ResidualLinearisation()
             )
-            blocks = FullJacobian().blocks(linear_fn, struct)
+            residual, _, blocks = exact.residual_and_blocks(
+                fn, start, args, FullJacobian(), struct
+            )
             update = lx.linear_solve(
                 BlockBidiagonalOperator(blocks),
                 residual,

@@ -93,23 +93,42 @@ def _residual(trajectory: Array, args: tuple[_FlatCell, Array, PyTree]) -> Array
     return trajectory - jax.vmap(flat_cell)(previous, xs)
 
 
+# The most numbers of dense per-step Jacobians formed at once for a mode that keeps
+# only part of them (64 MiB in float32).
+_DENSE_BUDGET = 2**24
+
+
 def _residual_and_blocks(
-    trajectory: Array, args: tuple[_FlatCell, Array, PyTree]
+    trajectory: Array,
+    args: tuple[_FlatCell, Array, PyTree],
+    restrict: Callable[[Array], Array],
 ) -> tuple[Array, Array]:
-    """`F(H)` and its exact blocks `J_t = df/dh (h_{t-1}, x_t)`, one forward-mode
-    Jacobian per time step (`n` JVPs of `f`, batched over time), with `f` evaluated
-    once per step for both."""
+    """`F(H)` and `restrict` of its exact blocks `J_t = df/dh (h_{t-1}, x_t)`: one
+    forward-mode Jacobian per time step (`n` JVPs of `f`, batched over time), with
+    `f` evaluated once per step for both."""
     flat_cell, h0, xs = args
     previous = shift_in(h0, trajectory)
 
-    def value_and_jacobian(h, x):
+    def value_and_blocks(inputs):
+        h, x = inputs
+
         def cell(_h):
             out = flat_cell(_h, x)
             return out, out
 
-        return jax.jacfwd(cell, has_aux=True)(h)
+        jacobian, value = jax.jacfwd(cell, has_aux=True)(h)
+        return restrict(jacobian), value
 
-    blocks, values = jax.vmap(value_and_jacobian)(previous, xs)
+    num_steps, size = trajectory.shape
+    kept = jax.eval_shape(restrict, jax.ShapeDtypeStruct((size, size), h0.dtype))
+    if kept.size < size * size and num_steps * size * size > _DENSE_BUDGET:
+        # The mode keeps less than the dense Jacobians (diagonal, block-diagonal):
+        # form those a batch of steps at a time, so that they never take more than
+        # the budget at once, as the mode's memory promises.
+        batch = max(1, _DENSE_BUDGET // (size * size))
+        blocks, values = jax.lax.map(value_and_blocks, (previous, xs), batch_size=batch)
+    else:
+        blocks, values = jax.vmap(value_and_blocks)((previous, xs))
     return trajectory - values, blocks
 
 

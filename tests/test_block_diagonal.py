@@ -94,3 +94,59 @@ def test_block_size_must_divide_state():
             jnp.ones((5, 6)),
             jacobian=deer_diffrax.BlockDiagonalJacobian(4),
         )
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        deer_diffrax.FullJacobian(),
+        deer_diffrax.DiagonalJacobian(),
+        deer_diffrax.BlockDiagonalJacobian(4),
+        deer_diffrax.BlockDiagonalJacobian(2),
+    ],
+)
+def test_restrict_keeps_the_blocks_that_probing_reads(mode):
+    # `restrict` of the dense step Jacobians must give exactly the blocks that the
+    # mode reads off the linearised residual (what `scan` relies on).
+    jacobians = jax.random.normal(jax.random.key(3), (5, _SIZE, _SIZE))
+
+    def linear_fn(dy):  # dF_t = dy_t - J_t dy_{t-1}, with dy_{-1} = 0
+        previous = jnp.concatenate([jnp.zeros((1, _SIZE)), dy[:-1]])
+        return dy - jnp.einsum("tij,tj->ti", jacobians, previous)
+
+    struct = jax.ShapeDtypeStruct((5, _SIZE), jacobians.dtype)
+    probed = mode.blocks(linear_fn, struct)
+    # The probes see `J_t` multiplying `dy_{t-1}`: step `t`'s block is `jacobians[t]`
+    # for t >= 1 (block 0 multiplies the fixed initial state and is never used).
+    restricted = mode.restrict(jacobians)
+    assert restricted.shape == probed.shape
+    assert jnp.max(jnp.abs(restricted[1:] - probed[1:])) < 1e-14
+    assert (
+        deer_diffrax.BlockDiagonalJacobian(4, structured=True).restrict(jacobians)
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    "mode", [deer_diffrax.DiagonalJacobian(), deer_diffrax.BlockDiagonalJacobian(4)]
+)
+def test_scan_forms_dense_jacobians_in_batches(monkeypatch, mode):
+    # Quasi-Newton modes of `scan` take their blocks from the cell's dense Jacobians
+    # a bounded number of steps at a time: the same solve whatever the budget.
+    def cell(h, x):
+        h = jnp.tanh(_WEIGHT @ h + x)
+        return h, h
+
+    xs = jax.random.normal(jax.random.key(4), (300, _SIZE))
+    whole, stats = deer_diffrax.scan(
+        cell, jnp.zeros(_SIZE), xs, jacobian=mode, return_stats=True
+    )
+    # 7 steps per batch: 43 batches, the last one short.
+    monkeypatch.setattr(deer_diffrax._recurrence, "_DENSE_BUDGET", 7 * _SIZE**2)
+    batched, batched_stats = deer_diffrax.scan(
+        cell, jnp.zeros(_SIZE), xs, jacobian=mode, return_stats=True
+    )
+    expected = jax.lax.scan(cell, jnp.zeros(_SIZE), xs)[1]
+    assert jnp.max(jnp.abs(batched[1] - expected)) < 1e-9
+    assert jnp.max(jnp.abs(batched[1] - whole[1])) < 1e-12
+    assert int(batched_stats.num_newton_steps) == int(stats.num_newton_steps)
