@@ -66,7 +66,10 @@ class AbstractJacobianMode(eqx.Module):
 
         Where every step's dense Jacobian can be computed directly (a
         [`deer_diffrax.scan`][] cell, `jax.jacfwd` batched over time), this is
-        cheaper than probing the linearised residual, which `blocks` does.
+        cheaper than probing the linearised residual, which `blocks` does. It is
+        used only where it is defined by the class that defines `blocks` or by a
+        subclass of it: a subclass that overrides `blocks` alone (to clip the
+        blocks, say) keeps its own blocks.
 
         **Arguments:**
 
@@ -212,6 +215,24 @@ class BlockDiagonalJacobian(AbstractJacobianMode):
         # (..., b, i, b', j) -> the b == b' blocks, (..., i, j, b) -> (..., b, i, j)
         diagonal = jnp.diagonal(split, axis1=-4, axis2=-2)
         return jnp.moveaxis(diagonal, -1, -3)
+
+
+def _defined_by(cls: type, name: str) -> type:
+    return next(base for base in cls.__mro__ if name in vars(base))
+
+
+def dense_restriction(
+    mode: AbstractJacobianMode, size: int, dtype
+) -> Callable[[Array], Array] | None:
+    """`mode.restrict` where it gives `mode`'s blocks of a state of `size` entries
+    (see `AbstractJacobianMode.restrict`), else `None`."""
+    cls = type(mode)
+    if not issubclass(_defined_by(cls, "restrict"), _defined_by(cls, "blocks")):
+        return None  # `blocks` was overridden below the `restrict` it inherits
+    dense = jax.ShapeDtypeStruct((size, size), dtype)
+    if jax.eval_shape(mode.restrict, dense) is None:
+        return None
+    return mode.restrict
 
 
 def jacobian_mode(mode: "str | AbstractJacobianMode") -> AbstractJacobianMode:

@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, PyTree
 
-from ._jacobian import AbstractJacobianMode
+from ._jacobian import AbstractJacobianMode, dense_restriction
 
 
 class AbstractLinearisation(eqx.Module):
@@ -116,7 +116,7 @@ class StepwiseLinearisation(AbstractLinearisation):
     time), instead of probing a linearisation of the whole trajectory `n` times:
     the same blocks, without storing the linearisation (measured 2-5x faster per
     iteration for a GRU cell on CPU). Jacobian modes that can take their blocks
-    from dense ones ([`deer_diffrax.AbstractJacobianMode.restrict`][]: full,
+    from dense ones (`AbstractJacobianMode.restrict`: full,
     diagonal, block-diagonal) get them this way; the others probe the residual's
     linearisation, as [`deer_diffrax.ResidualLinearisation`][] does.
 
@@ -138,9 +138,8 @@ class StepwiseLinearisation(AbstractLinearisation):
         return ResidualLinearisation(self.safe_at_trials).linearise(fn, y, args)
 
     def residual_and_blocks(self, fn, y, args, jacobian, struct):
-        size = struct.shape[-1]
-        dense = jax.ShapeDtypeStruct((size, size), struct.dtype)
-        if jax.eval_shape(jacobian.restrict, dense) is None:
+        restrict = dense_restriction(jacobian, struct.shape[-1], struct.dtype)
+        if restrict is None:
             return super().residual_and_blocks(fn, y, args, jacobian, struct)
-        residual, blocks = self.residual_and_step_blocks(y, args, jacobian.restrict)
+        residual, blocks = self.residual_and_step_blocks(y, args, restrict)
         return residual, None, blocks

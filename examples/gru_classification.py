@@ -84,6 +84,10 @@ class ClippedDiagonalJacobian(deer_diffrax.DiagonalJacobian):
     def blocks(self, linear_fn, struct):
         return jnp.clip(super().blocks(linear_fn, struct), -1.0, 1.0)
 
+    # How `deer_diffrax.scan` gets them: from the cell's dense step Jacobians.
+    def restrict(self, dense):
+        return jnp.clip(super().restrict(dense), -1.0, 1.0)
+
 
 JACOBIANS = {
     "full": deer_diffrax.FullJacobian(),

@@ -150,3 +150,46 @@ def test_scan_forms_dense_jacobians_in_batches(monkeypatch, mode):
     assert jnp.max(jnp.abs(batched[1] - expected)) < 1e-9
     assert jnp.max(jnp.abs(batched[1] - whole[1])) < 1e-12
     assert int(batched_stats.num_newton_steps) == int(stats.num_newton_steps)
+
+
+def test_a_mode_that_overrides_blocks_alone_keeps_its_blocks_in_scan():
+    # A subclass that changes `blocks` (clipping, say) but inherits `restrict` must
+    # not have its blocks replaced by the parent's dense restriction: the clipping
+    # shows in the iteration count, which must equal that of a mode that clips in
+    # both methods (whose `restrict` scan then uses).
+    traced = []
+
+    def clip(blocks):
+        return jnp.clip(blocks, -0.05, 0.05)
+
+    class OwnBlocks(deer_diffrax.DiagonalJacobian):
+        def blocks(self, linear_fn, struct):
+            return clip(super().blocks(linear_fn, struct))
+
+    class Both(OwnBlocks):
+        def restrict(self, dense):
+            traced.append("restrict")
+            return clip(jnp.diagonal(dense, axis1=-2, axis2=-1))
+
+    # Nearly diagonal weights, so that the exact diagonal converges fast.
+    weight = 0.9 * jnp.eye(_SIZE) + 0.05 * _WEIGHT
+
+    def cell(h, x):
+        h = jnp.tanh(weight @ h + 0.1 * x)
+        return h, h
+
+    xs = jax.random.normal(jax.random.key(5), (50, _SIZE))
+    expected = jax.lax.scan(cell, jnp.zeros(_SIZE), xs)[1]
+    steps = {}
+    for name, mode in (
+        ("plain", deer_diffrax.DiagonalJacobian()),
+        ("own blocks", OwnBlocks()),
+        ("both", Both()),
+    ):
+        (_, ys), stats = deer_diffrax.scan(
+            cell, jnp.zeros(_SIZE), xs, jacobian=mode, return_stats=True
+        )
+        assert jnp.max(jnp.abs(ys - expected)) < 1e-9
+        steps[name] = int(stats.num_newton_steps)
+    assert traced
+    assert steps["own blocks"] == steps["both"] != steps["plain"]
