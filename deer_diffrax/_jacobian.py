@@ -161,6 +161,15 @@ class BlockDiagonalJacobian(AbstractJacobianMode):
     def exact(self) -> bool:  # pyright: ignore[reportIncompatibleVariableOverride]
         return self.structured
 
+    def _pieces(self, size: int) -> int:
+        """How many blocks a flat state of `size` entries is cut into."""
+        if size % self.block_size:
+            raise ValueError(
+                f"`BlockDiagonalJacobian(block_size={self.block_size})`: the block "
+                f"size must divide the size of the flat state, {size}."
+            )
+        return size // self.block_size
+
     def blocks(self, linear_fn, struct):
         if len(struct.shape) != 2:
             raise ValueError(
@@ -169,12 +178,7 @@ class BlockDiagonalJacobian(AbstractJacobianMode):
             )
         num_times, size = struct.shape
         k = self.block_size
-        if size % k:
-            raise ValueError(
-                f"`BlockDiagonalJacobian(block_size={k})`: the block size must divide "
-                f"the size of the flat state, {size}."
-            )
-        pieces = size // k
+        pieces = self._pieces(size)
         if self.structured:
             # Probe j is e_j in every piece at once: with no coupling between
             # pieces, piece b of the output is column j of block b alone.
@@ -203,14 +207,8 @@ class BlockDiagonalJacobian(AbstractJacobianMode):
     def restrict(self, dense):
         if self.structured:
             return None  # `k` probes are cheaper than `n` dense columns
-        size = dense.shape[-1]
         k = self.block_size
-        if size % k:
-            raise ValueError(
-                f"`BlockDiagonalJacobian(block_size={k})`: the block size must divide "
-                f"the size of the flat state, {size}."
-            )
-        pieces = size // k
+        pieces = self._pieces(dense.shape[-1])
         split = dense.reshape(dense.shape[:-2] + (pieces, k, pieces, k))
         # (..., b, i, b', j) -> the b == b' blocks, (..., i, j, b) -> (..., b, i, j)
         diagonal = jnp.diagonal(split, axis1=-4, axis2=-2)

@@ -120,7 +120,9 @@ def _residual_and_blocks(
         return restrict(jacobian), value
 
     num_steps, size = trajectory.shape
-    kept = jax.eval_shape(restrict, jax.ShapeDtypeStruct((size, size), h0.dtype))
+    kept = jax.eval_shape(
+        restrict, jax.ShapeDtypeStruct((size, size), trajectory.dtype)
+    )
     if kept.size < size * size and num_steps * size * size > _DENSE_BUDGET:
         # The mode keeps less than the dense Jacobians (diagonal, block-diagonal):
         # form those a batch of steps at a time, so that they never take more than
