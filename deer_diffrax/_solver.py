@@ -29,7 +29,7 @@ from ._guess import (
 )
 from ._interpolation import DeerInterpolationFactory
 from ._jacobian import AbstractJacobianMode, DiagonalJacobian, jacobian_mode
-from ._linearisation import StepwiseLinearisation, SurrogateLinearisation
+from ._linearisation import ResidualLinearisation, SurrogateLinearisation
 from ._lyapunov import initial_direction, trajectory_growth, vector_growth
 from ._newton import DeerNewton, solve_trajectory
 from ._one_step import one_step_map
@@ -42,7 +42,6 @@ from ._window import (
     substep_grid,
     SubstepGrid,
     trajectory_residual,
-    trajectory_residual_and_blocks,
     transition,
     worst_substep_error,
 )
@@ -415,13 +414,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             # Explicit substeps can be linearised anywhere; an implicit one's stage
             # solve may fail at a wild trial point.
             explicit = one_step_map(self.base_solver) is not None
-            # The exact blocks substep by substep (`jax.jacfwd` of the base step),
-            # rather than `n` probes of the whole window's linearisation: measured
-            # 2.4-2.7x faster at n = 32 (Tsit5, 1e4 substeps, float32 on a CPU).
-            linearisation = StepwiseLinearisation(
-                ft.partial(trajectory_residual_and_blocks, base_solver, unravel),
-                safe_at_trials=explicit,
-            )
+            linearisation = ResidualLinearisation(safe_at_trials=explicit)
         newton = DeerNewton(
             rtol=self.rtol,
             atol=self.atol,

@@ -113,26 +113,6 @@ def trajectory_residual(base_solver, unravel, trajectory, inputs):
     return window_residual(step, trajectory, y_start, ts)
 
 
-def trajectory_residual_and_blocks(base_solver, unravel, trajectory, inputs, restrict):
-    """`trajectory_residual` and `restrict` of each substep's exact dense Jacobian,
-    from one forward-mode Jacobian of the substep (batched over the substeps), with
-    the substep evaluated once for both."""
-    terms, y_start, ts, args = inputs
-    step = ft.partial(transition, base_solver, terms, args, unravel)
-    previous = shift_in(y_start, trajectory)
-
-    def value_and_blocks(y_prev, t_start, t_end):
-        def substep_map(y):
-            out = step(y, t_start, t_end)
-            return out, out
-
-        jacobian, value = jax.jacfwd(substep_map, has_aux=True)(y_prev)
-        return restrict(jacobian), value
-
-    blocks, values = jax.vmap(value_and_blocks)(previous, ts[:-1], ts[1:])
-    return trajectory - values, blocks
-
-
 def euler_residual(unravel, trajectory, inputs):
     # The surrogate of `linearise="vector_field"`: its Jacobian blocks are
     # `I + dt df/dy` at the start of each substep (for SDEs, plus the diffusion's
