@@ -31,11 +31,11 @@ def _xla_accepts(flags: str) -> bool:
 
 def _add_fast_compile_flags() -> None:
     flags = os.environ.get("XLA_FLAGS", "")
-    for flag in _FAST_COMPILE_FLAGS:
-        name = flag.split("=")[0]
-        if name not in flags and _xla_accepts(f"{flags} {flag}".strip()):
-            flags = f"{flags} {flag}".strip()
-    os.environ["XLA_FLAGS"] = flags
+    missing = [f for f in _FAST_COMPILE_FLAGS if f.split("=")[0] not in flags]
+    # One probe for all of them; only if XLA refuses that, one per flag.
+    if missing and not _xla_accepts(" ".join([flags, *missing]).strip()):
+        missing = [f for f in missing if _xla_accepts(f"{flags} {f}".strip())]
+    os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
 
 
 _add_fast_compile_flags()
