@@ -62,7 +62,12 @@ from _common import best_time, compile_ahead  # noqa: E402
 from deer_diffrax import DeerSolver, solve_linear_recurrence  # noqa: E402
 from deer_diffrax._jacobian import DiagonalJacobian, FullJacobian  # noqa: E402
 from deer_diffrax._ravel import real_ravel  # noqa: E402
-from deer_diffrax._window import euler_residual, trajectory_residual  # noqa: E402
+from deer_diffrax._window import (  # noqa: E402
+    euler_residual,
+    trajectory_residual,
+    transition,
+    WindowInputs,
+)
 
 
 STEP_SIZE = 0.01
@@ -201,8 +206,14 @@ def profile(
     add = lambda name, fn, *a: rows.append((name, *timeit(fn, *a, repeats=repeats)))
     if not pieces_only:
         add("sequential diffeqsolve (whole solve)", sequential_solve, y0, params)
-    inputs = (term, y0, ts, params)
-    library_residual = lambda y: trajectory_residual(default, unravel, y, inputs)
+    inputs = WindowInputs(
+        step=ft.partial(transition, default, term, params, unravel),
+        y_start=y0,
+        ts=ts,
+        terms=term,
+        args=params,
+    )
+    library_residual = lambda y: trajectory_residual(y, inputs)
     surrogate_residual = lambda y: euler_residual(unravel, y, inputs)
 
     def linearised_blocks(fn, mode, y):

@@ -65,6 +65,19 @@ class AbstractLinearisation(eqx.Module):
         residual, aux, linear_fn = self.linearise(fn, y, args)
         return residual, aux, jacobian.blocks(linear_fn, struct)
 
+    def closure_convert(
+        self, y: Array, args: Any, jacobian: AbstractJacobianMode
+    ) -> "AbstractLinearisation":
+        """This linearisation with any tracers that its own functions close over
+        (the parameters of a model being differentiated, say) made leaves of its
+        pytree, as `solve_trajectory` does for the residual: the Newton solve is a
+        custom derivative, which must not capture tracers of an enclosing
+        transformation. Called once per solve, with example arguments of the shapes
+        its functions will be called with. By default there is nothing to convert.
+        """
+        del y, args, jacobian
+        return self
+
 
 class ResidualLinearisation(AbstractLinearisation):
     """The exact Jacobian of the residual, by `jax.linearize` (residual and
@@ -109,6 +122,11 @@ class SurrogateLinearisation(AbstractLinearisation):
         _, linear_fn = jax.linearize(lambda _y: self.fn(_y, args), y)
         return residual, aux, linear_fn
 
+    def closure_convert(self, y, args, jacobian):
+        del jacobian
+        converted = eqx.filter_closure_convert(self.fn, y, args)
+        return eqx.tree_at(lambda lin: lin.fn, self, converted)
+
 
 class StepwiseLinearisation(AbstractLinearisation):
     """The exact Jacobian of the residual, with blocks computed step by step by a
@@ -124,7 +142,9 @@ class StepwiseLinearisation(AbstractLinearisation):
 
     - `residual_and_step_blocks`: `(Y, args, restrict) -> (F(Y), blocks)`, the
         residual (without aux output) and `restrict` applied to each step's exact
-        dense Jacobian `J_i`.
+        dense Jacobian `J_i`. It is called with more than one `restrict` (a
+        quasi-Newton solve ends with a full step), so it is not closure-converted:
+        it must take what it depends on through `args`, not close over tracers.
     - `safe_at_trials`: as for [`deer_diffrax.ResidualLinearisation`][].
     """
 

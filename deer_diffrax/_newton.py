@@ -468,10 +468,12 @@ def _is_none(x: Any) -> bool:
 
 
 @eqx.filter_custom_jvp
-def _find_root(residual_fn, guess, args, *, newton, max_steps):
+def _find_root(residual_fn, guess, args, newton, *, max_steps):
     """The Newton solve: the root, the Optimistix result and the statistics of
     `DeerNewton.postprocess` (exact blocks included). Differentiated by
-    `_find_root_jvp`, never through the iterations."""
+    `_find_root_jvp`, never through the iterations. `newton` is an argument, not a
+    keyword, because its linearisation may hold tracers (see `solve_trajectory`);
+    their tangents are not used."""
     solution = optx.root_find(
         residual_fn,
         newton,
@@ -498,7 +500,7 @@ _STAT_KEYS = (
 
 
 @_find_root.def_jvp
-def _find_root_jvp(primals, tangents, *, newton, max_steps):
+def _find_root_jvp(primals, tangents, *, max_steps):
     # The implicit function theorem: at the root `F(Y, p) = 0`, so
     # `dY = -(dF/dY)^{-1} (dF/dp) dp`. `dF/dY` is the unit lower block-bidiagonal
     # matrix of the blocks that the last exact Newton step built, within tolerance
@@ -508,9 +510,9 @@ def _find_root_jvp(primals, tangents, *, newton, max_steps):
     # forward-mode pass of the residual at the root, which reverse mode transposes
     # into one vector-Jacobian product; the solve is transposed into the
     # reverse-time scan. The initial guess gets no derivative.
-    residual_fn, guess, args = primals
-    t_residual_fn, _, t_args = tangents
-    out = _find_root(residual_fn, guess, args, newton=newton, max_steps=max_steps)
+    residual_fn, guess, args, newton = primals
+    t_residual_fn, _, t_args, _ = tangents
+    out = _find_root(residual_fn, guess, args, newton, max_steps=max_steps)
     root, _, stats = out
     inputs, t_inputs = (residual_fn, args), (t_residual_fn, t_args)
     no_tangent = jtu.tree_map(_is_none, t_inputs, is_leaf=_is_none)
@@ -560,8 +562,12 @@ def solve_trajectory(
     """
     # Whatever `residual_fn` closes over becomes an input of the custom derivative.
     residual_fn = eqx.filter_closure_convert(residual_fn, guess, args)
+    # So does whatever the linearisation's own functions close over; they are
+    # only evaluated inside the solve, never differentiated.
+    linearisation = newton.linearisation.closure_convert(guess, args, newton.jacobian)
+    newton = eqx.tree_at(lambda nw: nw.linearisation, newton, linearisation)
     value, result, stats = _find_root(
-        residual_fn, guess, args, newton=newton, max_steps=max_steps
+        residual_fn, guess, args, newton, max_steps=max_steps
     )
     error = stats["error_estimate"]
     residual = stats["final_residual_norm"]

@@ -29,7 +29,7 @@ from ._guess import (
 )
 from ._interpolation import DeerInterpolationFactory
 from ._jacobian import AbstractJacobianMode, DiagonalJacobian, jacobian_mode
-from ._linearisation import ResidualLinearisation, SurrogateLinearisation
+from ._linearisation import StepwiseLinearisation, SurrogateLinearisation
 from ._lyapunov import initial_direction, trajectory_growth, vector_growth
 from ._newton import DeerNewton, solve_trajectory
 from ._one_step import one_step_map
@@ -42,7 +42,9 @@ from ._window import (
     substep_grid,
     SubstepGrid,
     trajectory_residual,
+    trajectory_residual_and_blocks,
     transition,
+    WindowInputs,
     worst_substep_error,
 )
 
@@ -414,7 +416,12 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             # Explicit substeps can be linearised anywhere; an implicit one's stage
             # solve may fail at a wild trial point.
             explicit = one_step_map(self.base_solver) is not None
-            linearisation = ResidualLinearisation(safe_at_trials=explicit)
+            # The exact blocks substep by substep (`jax.jacfwd` of the base step),
+            # rather than `n` probes of the whole window's linearisation: measured
+            # 3.0-3.2x faster at n = 32 (Tsit5, 1e4 substeps, float32 on a CPU).
+            linearisation = StepwiseLinearisation(
+                trajectory_residual_and_blocks, safe_at_trials=explicit
+            )
         newton = DeerNewton(
             rtol=self.rtol,
             atol=self.atol,
@@ -431,12 +438,15 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             # A guess of `y` alone keeps the base solver's state where it starts.
             lambda y: real_ravel(_unknowns(y, solver_state.base_state))[0],
         )
+        inputs = WindowInputs(
+            step=eqx.filter_closure_convert(substep_state, y_start, ts[0], ts[1]),
+            y_start=y_start,
+            ts=ts,
+            terms=terms,
+            args=args,
+        )
         solution = solve_trajectory(
-            ft.partial(trajectory_residual, base_solver, unravel),
-            newton,
-            guess,
-            (terms, y_start, ts, args),
-            self.max_newton_steps,
+            trajectory_residual, newton, guess, inputs, self.max_newton_steps
         )
         trajectory = solution.value
         newton_failed = solution.result != optx.RESULTS.successful

@@ -2,6 +2,7 @@
 the flat state, the window's residual, and its error estimate."""
 
 import functools as ft
+from collections.abc import Callable
 
 import diffrax
 import equinox as eqx
@@ -107,20 +108,55 @@ def window_residual(step, trajectory, y_start, ts):
     return trajectory - jax.vmap(step)(previous, ts[:-1], ts[1:])
 
 
-def trajectory_residual(base_solver, unravel, trajectory, inputs):
-    terms, y_start, ts, args = inputs
-    step = ft.partial(transition, base_solver, terms, args, unravel)
-    return window_residual(step, trajectory, y_start, ts)
+class WindowInputs(eqx.Module):
+    """What a window's residual depends on, all of it as pytree leaves (so that
+    the Newton solve's custom derivative sees every input, and no function of it
+    captures a tracer of an enclosing transformation).
+
+    - `step`: the flat substep map `(y_prev, t_start, t_end) -> Phi(y_prev)`,
+        closure-converted: a vector field written as a closure over a model's
+        parameters has them among its leaves.
+    - `y_start`: the window's (flat) start.
+    - `ts`: the substep grid.
+    - `terms`, `args`: the solve's, for a surrogate linearisation.
+    """
+
+    step: Callable[[Array, Array, Array], Array]
+    y_start: Array
+    ts: Array
+    terms: PyTree
+    args: PyTree
 
 
-def euler_residual(unravel, trajectory, inputs):
+def trajectory_residual(trajectory, inputs: WindowInputs):
+    return window_residual(inputs.step, trajectory, inputs.y_start, inputs.ts)
+
+
+def trajectory_residual_and_blocks(trajectory, inputs: WindowInputs, restrict):
+    """`trajectory_residual` and `restrict` of each substep's exact dense Jacobian,
+    from one forward-mode Jacobian of the substep (batched over the substeps), with
+    the substep evaluated once for both."""
+    previous = shift_in(inputs.y_start, trajectory)
+
+    def value_and_blocks(y_prev, t_start, t_end):
+        def substep_map(y):
+            out = inputs.step(y, t_start, t_end)
+            return out, out
+
+        jacobian, value = jax.jacfwd(substep_map, has_aux=True)(y_prev)
+        return restrict(jacobian), value
+
+    blocks, values = jax.vmap(value_and_blocks)(previous, inputs.ts[:-1], inputs.ts[1:])
+    return trajectory - values, blocks
+
+
+def euler_residual(unravel, trajectory, inputs: WindowInputs):
     # The surrogate of `linearise="vector_field"`: its Jacobian blocks are
     # `I + dt df/dy` at the start of each substep (for SDEs, plus the diffusion's
     # derivative times the Brownian increment), which agree with the base method's
     # blocks to first order in the substep.
-    terms, y_start, ts, args = inputs
-    step = ft.partial(flat_step, euler_step, terms, args, unravel)
-    return window_residual(step, trajectory, y_start, ts)
+    step = ft.partial(flat_step, euler_step, inputs.terms, inputs.args, unravel)
+    return window_residual(step, trajectory, inputs.y_start, inputs.ts)
 
 
 def worst_substep_error(errors: PyTree[Array]) -> PyTree[Array]:

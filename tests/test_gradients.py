@@ -341,6 +341,47 @@ def test_equinox_filter_value_and_grad():
     assert isinstance(model_grads.field.mlp, eqx.nn.MLP)
 
 
+@pytest.mark.parametrize(
+    "base, options",
+    [
+        (diffrax.Tsit5(), {}),
+        (diffrax.Tsit5(), {"jacobian": "diagonal"}),
+        (diffrax.Tsit5(), {"linearise": "vector_field"}),
+        (diffrax.ReversibleHeun(), {}),
+    ],
+    ids=["full", "diagonal", "vector-field", "carried-state"],
+)
+def test_grad_of_a_field_that_closes_over_the_parameters(base, options):
+    # Users write `ODETerm(lambda t, y, args: model(y))`: the parameters are then
+    # tracers hidden in a closure, not leaves of `terms`. Every function the Newton
+    # solve evaluates (the residual and its linearisation's own) must capture them
+    # properly, or the solve leaks them out of its custom derivative.
+    y0 = jnp.array([0.8, -0.4])
+
+    def loss(params, solver, dt):
+        term = diffrax.ODETerm(
+            lambda t, y, args: eqx.combine(params, _STATIC)(t, y, _ARGS)
+        )
+        sol = diffrax.diffeqsolve(
+            term,
+            solver,
+            0.0,
+            _T1,
+            dt,
+            y0,
+            saveat=diffrax.SaveAt(ts=_TS),
+            stepsize_controller=diffrax.ConstantStepSize(),
+            max_steps=_NUM_WINDOWS * _NUM_SUBSTEPS,
+        )
+        return _objective(sol.ys)
+
+    deer = DeerSolver(base, num_substeps=_NUM_SUBSTEPS, **options)
+    got = jax.jit(jax.grad(ft.partial(loss, solver=deer, dt=_WINDOW)))(_PARAMS)
+    want = jax.jit(jax.grad(ft.partial(loss, solver=base, dt=_DT)))(_PARAMS)
+    assert max(float(jnp.max(jnp.abs(x))) for x in jtu.tree_leaves(want)) > 1e-3
+    assert max_relative_difference(got, want) <= _EXACT_RTOL
+
+
 # ---------------------------------------------------------------------------------
 # The backward pass does not depend on the Newton iterations.
 # ---------------------------------------------------------------------------------
