@@ -149,8 +149,9 @@ class ShrinkBlocksDamping(AbstractDamping):
     `Y <- Phi(shift(Y))`, which cannot overshoot and makes the exact prefix of the
     trajectory at least one substep longer every iteration: the damped iteration
     interpolates between Newton's quadratic convergence and a sweep that always
-    makes progress. At the largest `lambda` any finite trial is accepted. A
-    non-finite update is discarded and `lambda` raised a hundredfold.
+    makes progress. At the largest `lambda` any finite trial is accepted; a
+    non-finite one there would only be computed again, so `DeerNewton` stops as
+    diverged. A non-finite update is discarded and `lambda` raised a hundredfold.
 
     **Arguments:**
 

@@ -28,7 +28,8 @@ class DeerNewtonState(eqx.Module):
     - `update_norm`, `previous_update_norm`: scaled max-norms of the last two Newton
         updates, from which quasi-Newton modes estimate their remaining error.
     - `finite`: `False` once the iteration has produced a non-finite residual that
-        damping cannot recover from.
+        damping cannot recover from, or a rejected trial that damping would only
+        repeat.
     - `num_steps`: the number of Newton steps taken.
     - `num_rejected`: how many trial iterates damping rejected.
     - `damping`: the state of the damping strategy (for
@@ -230,8 +231,15 @@ class DeerNewton(optx.AbstractRootFinder):
                 accept, trial_tolerance, self._tolerance_at(state.anchor)
             )
             residual_norm = jnp.where(accept, trial_norm, state.residual_norm)
-            # Only a non-finite starting residual is beyond rescue.
-            still_finite = state.finite & (trial_finite | jnp.invert(first))
+            # Only a non-finite starting residual is beyond rescue, or a rejection
+            # that leaves the strategy's state as it was: the step is a function of
+            # the anchor and that state alone, so every later step would compute the
+            # same trial and reject it again (shrinking at its largest lambda, with a
+            # non-finite trial). Stop there, rather than spend the iterations left.
+            repeats = jnp.invert(accept) & _tree_equal(damping, state.damping)
+            still_finite = (
+                state.finite & (trial_finite | jnp.invert(first)) & jnp.invert(repeats)
+            )
             num_rejected = state.num_rejected + jnp.where(accept, 0, 1)
             if keep:
                 residual = jnp.where(accept, trial_residual, state.anchor_residual)
@@ -461,6 +469,12 @@ def _scale_tangent_jvp(primals, tangents):
     x, factor = primals
     t_x, _ = tangents
     return x, t_x * factor
+
+
+def _tree_equal(a: PyTree[Array], b: PyTree[Array]) -> Bool[Array, ""]:
+    """Whether two pytrees of arrays of the same structure hold the same values."""
+    equal = jtu.tree_map(lambda x, y: jnp.all(x == y), a, b)
+    return jnp.all(jnp.stack([jnp.array(True), *jtu.tree_leaves(equal)]))
 
 
 def _is_none(x: Any) -> bool:

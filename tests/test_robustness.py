@@ -163,6 +163,36 @@ def test_lorenz_never_silently_wrong():
     assert deer_diffrax.diagnostics(sol).num_fallbacks == 1
 
 
+@pytest.mark.parametrize(
+    "field, y0, t1",
+    [
+        (lambda t, y, args: y**2, jnp.array([1.0]), 2.0),  # blows up at t = 1
+        (_lorenz, jnp.array([1.0, 1.0, 1.0]), 3.0),
+    ],
+    ids=["blow-up", "lorenz"],
+)
+def test_damping_that_can_only_repeat_itself_stops(field, y0, t1):
+    # Shrinking at its largest lambda (a Picard sweep) from an iterate whose sweep
+    # overflows: every step would compute the same non-finite trial and reject it.
+    # The solve stops there as diverged instead of running out its iterations
+    # (before: 50 of 50 iterations on both, reported as out of steps).
+    max_newton_steps = 50
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        DeerSolver(num_substeps=100, max_newton_steps=max_newton_steps),
+        0.0,
+        t1,
+        t1,
+        y0,
+        saveat=diffrax.SaveAt(t1=True, solver_state=True),
+        max_steps=1,
+        throw=False,
+    )
+    assert sol.result == diffrax.RESULTS.nonlinear_divergence
+    assert int(sol.solver_state.last_newton_steps) < max_newton_steps
+    assert bool(jnp.all(jnp.isnan(sol.ys)))
+
+
 # Slow run only (CI time): a cost property, not a correctness one.
 @pytest.mark.slow
 def test_damping_costs_nothing_when_newton_works():
