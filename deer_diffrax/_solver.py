@@ -36,6 +36,7 @@ from ._one_step import one_step_map
 from ._operator import shift_in
 from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
+from ._trust_region import TrustRegion
 from ._window import (
     euler_residual,
     substep,
@@ -218,7 +219,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         atol: float | None = None,
         max_newton_steps: int = 50,
         jacobian: "str | AbstractJacobianMode" = "full",
-        damping: "bool | AbstractDamping" = True,
+        damping: "bool | AbstractDamping | None" = None,
         initial_guess: "str | Callable | AbstractInitialGuess" = "constant",
         predictor_stride: int = 10,
         fallback: "str | None | AbstractFallback" = None,
@@ -245,7 +246,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         self.atol = atol
         self.max_newton_steps = max_newton_steps
         self.jacobian = jacobian_mode(jacobian)
-        self.damping = damping_strategy(damping)
+        self.damping = damping_strategy(TrustRegion() if damping is None else damping)
         self.initial_guess = initial_guess_strategy(initial_guess, predictor_stride)
         self.fallback = fallback_strategy(fallback)
         if linear_solver is None:
@@ -625,13 +626,15 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
     convergence; see `linearise` for where the diagonal comes from), or an
     `AbstractJacobianMode`. Gradients always use the exact Jacobian.
 - `damping`: how Newton guards its steps, a [`deer_diffrax.AbstractDamping`][] or
-    a shorthand: `True` (default) for [`deer_diffrax.ShrinkBlocksDamping`][]
-    (reject iterates whose residual overflows or grows sharply and retry with shrunk
-    Jacobian blocks, down to a Picard sweep; free when Newton behaves), `False` for
-    [`deer_diffrax.NoDamping`][] (plain Newton). [`deer_diffrax.TrustRegion`][]
-    (cut each step at the first substep whose change exceeds a self-adapting
-    radius, restarting the rest of the window) solves long windows that the
-    default does not.
+    a shorthand. Default (`None`): [`deer_diffrax.TrustRegion`][] (reject iterates whose
+    residual overflows or grows sharply, and cut each later step at the first
+    substep whose change exceeds a self-adapting radius, restarting the rest of the
+    window; exactly Newton's iterations while no trial is rejected). `True` for
+    [`deer_diffrax.ShrinkBlocksDamping`][] (retry rejected steps with shrunk
+    Jacobian blocks, down to a Picard sweep), `False` for
+    [`deer_diffrax.NoDamping`][] (plain Newton). The trust region solves long
+    windows that shrinking does not, and where Newton needs damping it takes fewer
+    iterations (see the docs' "Choosing options").
 - `initial_guess`: where Newton starts in each window, a
     [`deer_diffrax.AbstractInitialGuess`][] or a shorthand for one: `"constant"`
     ([`deer_diffrax.ConstantGuess`][], the window's initial state at every

@@ -179,7 +179,7 @@ def test_damping_that_can_only_repeat_itself_stops(field, y0, t1):
     max_newton_steps = 50
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field),
-        DeerSolver(num_substeps=100, max_newton_steps=max_newton_steps),
+        DeerSolver(num_substeps=100, max_newton_steps=max_newton_steps, damping=True),
         0.0,
         t1,
         t1,

@@ -7,9 +7,9 @@ against `LLE x length` over a panel of contracting, neutral and chaotic problems
 - A rotation (neutral, LLE 0) and Lorenz (chaotic, LLE about 0.9), each solved by
     `DeerSolver(Tsit5)` in one window of growing length, 100 substeps per time unit.
 
-Every solve is full Newton with the default damping and `max_newton_steps = 200`,
-in float64, from the constant initial guess; the LLE is the one the solve reports
-(`ScanStats.lyapunov_exponent` per step times `T`, or
+Every solve is full Newton with `damping=True` (shrinking; scan's default) and
+`max_newton_steps = 200`, in float64, from the constant initial guess; the LLE is the
+one the solve reports (`ScanStats.lyapunov_exponent` per step times `T`, or
 `diagnostics(sol).last_window_growth`). Failed solves are drawn at the top.
 
 Run from the repository root (needs matplotlib):
@@ -91,6 +91,7 @@ def ode_points():
                 diffrax.Tsit5(),
                 num_substeps=int(100 * length),
                 max_newton_steps=MAX_STEPS,
+                damping=True,
                 estimate_lyapunov=True,
             )
             sol = diffrax.diffeqsolve(
