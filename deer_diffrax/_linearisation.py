@@ -11,6 +11,58 @@ from jaxtyping import Array, PyTree
 from ._jacobian import AbstractJacobianMode, dense_restriction
 
 
+# The most numbers of dense per-step Jacobians formed at once for a mode that keeps
+# only part of them (64 MiB in float32).
+_DENSE_BUDGET = 2**24
+
+
+def step_values_and_blocks(
+    step: Callable[[Array, Any], Array],
+    previous: Array,
+    per_step: Any,
+    restrict: Callable[[Array], Array],
+) -> tuple[Array, Array]:
+    """Every step's value `step(previous[i], per_step[i])` and `restrict` of its
+    exact Jacobian in the first argument: one forward-mode Jacobian per step (`n`
+    JVPs, batched over the steps), with `step` evaluated once for both. What a
+    `StepwiseLinearisation` of a one-step recurrence computes.
+
+    **Arguments:**
+
+    - `step`: the step map, `(h, p) -> h'` on flat `(n,)` states.
+    - `previous`: the states the steps start from, `(T, n)`.
+    - `per_step`: a pytree of the steps' other inputs, leading axis `T`.
+    - `restrict`: what to keep of each dense `(n, n)` Jacobian (a Jacobian mode's
+        `restrict`).
+
+    **Returns:** the values `(T, n)` and the restricted Jacobians.
+    """
+
+    def value_and_blocks(inputs):
+        h, p = inputs
+
+        def with_value(_h):
+            out = step(_h, p)
+            return out, out
+
+        jacobian, value = jax.jacfwd(with_value, has_aux=True)(h)
+        return restrict(jacobian), value
+
+    num_steps, size = previous.shape
+    kept = jax.eval_shape(restrict, jax.ShapeDtypeStruct((size, size), previous.dtype))
+    if kept.size < size * size and num_steps * size * size > _DENSE_BUDGET:
+        # The mode keeps less than the dense Jacobians (diagonal, block-diagonal):
+        # form those a batch of steps at a time, so that they never take more than
+        # the budget at once, as the mode's memory promises.
+        batch = max(1, _DENSE_BUDGET // (size * size))
+        blocks, values = jax.lax.map(
+            value_and_blocks, (previous, per_step), batch_size=batch
+        )
+    else:
+        blocks, values = jax.vmap(value_and_blocks)((previous, per_step))
+    return values, blocks
+
+
 class AbstractLinearisation(eqx.Module):
     """How [`deer_diffrax.DeerNewton`][] linearises the residual `F(Y)` at an
     iterate: it returns the residual there and a linear map whose Jacobian blocks

@@ -25,7 +25,7 @@ from jaxtyping import Array, ArrayLike, Float, Int, PyTree
 
 from ._damping import AbstractDamping
 from ._jacobian import AbstractJacobianMode, jacobian_mode
-from ._linearisation import StepwiseLinearisation
+from ._linearisation import step_values_and_blocks, StepwiseLinearisation
 from ._lyapunov import initial_direction, trajectory_growth, vector_growth
 from ._newton import DeerNewton, solve_trajectory, TrajectorySolution
 from ._operator import shift_in
@@ -93,44 +93,16 @@ def _residual(trajectory: Array, args: tuple[_FlatCell, Array, PyTree]) -> Array
     return trajectory - jax.vmap(flat_cell)(previous, xs)
 
 
-# The most numbers of dense per-step Jacobians formed at once for a mode that keeps
-# only part of them (64 MiB in float32).
-_DENSE_BUDGET = 2**24
-
-
 def _residual_and_blocks(
     trajectory: Array,
     args: tuple[_FlatCell, Array, PyTree],
     restrict: Callable[[Array], Array],
 ) -> tuple[Array, Array]:
-    """`F(H)` and `restrict` of its exact blocks `J_t = df/dh (h_{t-1}, x_t)`: one
-    forward-mode Jacobian per time step (`n` JVPs of `f`, batched over time), with
-    `f` evaluated once per step for both."""
+    """`F(H)` and `restrict` of its exact blocks `J_t = df/dh (h_{t-1}, x_t)`."""
     flat_cell, h0, xs = args
-    previous = shift_in(h0, trajectory)
-
-    def value_and_blocks(inputs):
-        h, x = inputs
-
-        def cell(_h):
-            out = flat_cell(_h, x)
-            return out, out
-
-        jacobian, value = jax.jacfwd(cell, has_aux=True)(h)
-        return restrict(jacobian), value
-
-    num_steps, size = trajectory.shape
-    kept = jax.eval_shape(
-        restrict, jax.ShapeDtypeStruct((size, size), trajectory.dtype)
+    values, blocks = step_values_and_blocks(
+        flat_cell, shift_in(h0, trajectory), xs, restrict
     )
-    if kept.size < size * size and num_steps * size * size > _DENSE_BUDGET:
-        # The mode keeps less than the dense Jacobians (diagonal, block-diagonal):
-        # form those a batch of steps at a time, so that they never take more than
-        # the budget at once, as the mode's memory promises.
-        batch = max(1, _DENSE_BUDGET // (size * size))
-        blocks, values = jax.lax.map(value_and_blocks, (previous, xs), batch_size=batch)
-    else:
-        blocks, values = jax.vmap(value_and_blocks)((previous, xs))
     return trajectory - values, blocks
 
 

@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 from jaxtyping import Array, Int, PyTree, Real
 
 from ._base_solver import restarted_step
+from ._linearisation import step_values_and_blocks
 from ._one_step import euler_step, one_step_map
 from ._operator import shift_in
 from ._ravel import real_ravel
@@ -133,20 +134,13 @@ def trajectory_residual(trajectory, inputs: WindowInputs):
 
 
 def trajectory_residual_and_blocks(trajectory, inputs: WindowInputs, restrict):
-    """`trajectory_residual` and `restrict` of each substep's exact dense Jacobian,
-    from one forward-mode Jacobian of the substep (batched over the substeps), with
-    the substep evaluated once for both."""
-    previous = shift_in(inputs.y_start, trajectory)
-
-    def value_and_blocks(y_prev, t_start, t_end):
-        def substep_map(y):
-            out = inputs.step(y, t_start, t_end)
-            return out, out
-
-        jacobian, value = jax.jacfwd(substep_map, has_aux=True)(y_prev)
-        return restrict(jacobian), value
-
-    blocks, values = jax.vmap(value_and_blocks)(previous, inputs.ts[:-1], inputs.ts[1:])
+    """`trajectory_residual` and `restrict` of each substep's exact Jacobian."""
+    values, blocks = step_values_and_blocks(
+        lambda y, times: inputs.step(y, *times),
+        shift_in(inputs.y_start, trajectory),
+        (inputs.ts[:-1], inputs.ts[1:]),
+        restrict,
+    )
     return trajectory - values, blocks
 
 

@@ -142,7 +142,7 @@ def test_scan_forms_dense_jacobians_in_batches(monkeypatch, mode):
         cell, jnp.zeros(_SIZE), xs, jacobian=mode, return_stats=True
     )
     # 7 steps per batch: 43 batches, the last one short.
-    monkeypatch.setattr(deer_diffrax._recurrence, "_DENSE_BUDGET", 7 * _SIZE**2)
+    monkeypatch.setattr(deer_diffrax._linearisation, "_DENSE_BUDGET", 7 * _SIZE**2)
     batched, batched_stats = deer_diffrax.scan(
         cell, jnp.zeros(_SIZE), xs, jacobian=mode, return_stats=True
     )
