@@ -236,7 +236,7 @@ class DeerNewton(optx.AbstractRootFinder):
             # the anchor and that state alone, so every later step would compute the
             # same trial and reject it again (shrinking at its largest lambda, with a
             # non-finite trial). Stop there, rather than spend the iterations left.
-            repeats = jnp.invert(accept) & _tree_equal(damping, state.damping)
+            repeats = jnp.invert(accept) & eqx.tree_equal(damping, state.damping)
             still_finite = (
                 state.finite & (trial_finite | jnp.invert(first)) & jnp.invert(repeats)
             )
@@ -469,12 +469,6 @@ def _scale_tangent_jvp(primals, tangents):
     x, factor = primals
     t_x, _ = tangents
     return x, t_x * factor
-
-
-def _tree_equal(a: PyTree[Array], b: PyTree[Array]) -> Bool[Array, ""]:
-    """Whether two pytrees of arrays of the same structure hold the same values."""
-    equal = jtu.tree_map(lambda x, y: jnp.all(x == y), a, b)
-    return jnp.all(jnp.stack([jnp.array(True), *jtu.tree_leaves(equal)]))
 
 
 def _is_none(x: Any) -> bool:
