@@ -141,13 +141,15 @@ class DeerNewton(optx.AbstractRootFinder):
     iterate, whose error is about the square of it. A criterion on the residual
     would not do: errors within the residual tolerance at every substep accumulate
     along the trajectory (measured: float32 results hundreds of times further from
-    the root than the rounding of a sequential solve). With approximate blocks
-    (quasi-Newton, a surrogate linearisation) the iteration stops once its
-    linear-rate estimate of the error is a tenth of the tolerance, and `postprocess`
-    finishes with one exact Newton step, whose update checks that estimate with the
-    full coupling and whose correction squares the error; its size is returned as
-    the statistic `error_estimate` (see `solve_trajectory`, which fails the solve
-    when it exceeds 1).
+    the root than the rounding of a sequential solve). Exact Newton also stops one
+    step earlier when its last three undamped updates shrink quadratically at one
+    rate and predict an error of 1% of the tolerance after the last of them. With
+    approximate blocks (quasi-Newton, a surrogate linearisation) the iteration stops
+    once its linear-rate estimate of the error is a tenth of the tolerance, and
+    `postprocess` finishes with one exact Newton step, whose update checks that
+    estimate with the full coupling and whose correction squares the error; its
+    size is returned as the statistic `error_estimate` (see `solve_trajectory`,
+    which fails the solve when it exceeds 1).
 
     **Damping.** Far from the solution the linearised recurrence can amplify
     exponentially and the next iterate overflows (Van der Pol or Lotka-Volterra
@@ -346,15 +348,17 @@ class DeerNewton(optx.AbstractRootFinder):
 
     def _error_estimate(self, state: DeerNewtonState) -> Float[Array, ""]:
         """The scaled error of the iterate after the last step, as estimated from
-        the last two updates.
+        the last updates.
 
         An undamped exact Newton update is, to first order, the error of the point it
         started from, and the updated point is far more accurate (quadratic
-        convergence); so its size is a safe bound, and nothing else counts in exact
-        mode. A quasi-Newton step contracts the error only linearly, by a rate
-        `theta` estimated from the ratio of the last two updates, and leaves an
-        error of about `theta / (1 - theta)` times the last update; the solve's
-        final exact step checks that estimate.
+        convergence); so its size is a safe bound in exact mode, and so is the
+        error that three updates in a row predict when they shrink quadratically at
+        one rate, with a margin of 100 (`_quadratic_estimate`). A quasi-Newton step
+        contracts the error only linearly, by a rate `theta` estimated from the
+        ratio of the last two updates, and leaves an error of about
+        `theta / (1 - theta)` times the last update; the solve's final exact step
+        checks that estimate.
         """
         update = state.update_norm
         previous = state.previous_update_norm
@@ -369,10 +373,11 @@ class DeerNewton(optx.AbstractRootFinder):
         # only undamped quasi-Newton steps have the rate the estimate assumes.
         undamped = self.damping.is_undamped(state.damping)
         if self._exact:
-            exact = jnp.minimum(update, _quadratic_estimate(state) / _QUADRATIC_SAFETY)
+            quadratic = _quadratic_estimate(state) / _QUADRATIC_SAFETY
+            chosen = jnp.minimum(update, quadratic)
         else:
-            exact = update
-        estimate = jnp.where(undamped, exact if self._exact else linear, jnp.inf)
+            chosen = linear
+        estimate = jnp.where(undamped, chosen, jnp.inf)
         return jnp.where(jnp.isfinite(estimate), estimate, jnp.inf)
 
     def exact_residual_and_blocks(self, fn, y, args) -> tuple[Array, Array]:
@@ -392,7 +397,8 @@ class DeerNewton(optx.AbstractRootFinder):
         del options, tags, result
         if self._exact:
             # The last step was an exact Newton step whose update was within
-            # tolerance, so the returned iterate is the updated one. Where the
+            # tolerance (or predicted an updated iterate within 1% of it), so the
+            # returned iterate is the updated one. Where the
             # linearised recurrence amplifies strongly that step can still spoil it:
             # keep the point it started from if the step made the residual both worse
             # and larger than the tolerance (or non-finite).
