@@ -18,9 +18,17 @@ Run from the repository root (needs matplotlib):
 
 It writes `docs/figures/predictability.png` and prints the measurements as a
 markdown table.
+
+    python docs/scripts/predictability.py --lorenz-windows [--float32]
+
+prints a second table instead: Lorenz in one window of growing length with
+`DeerSolver`'s defaults (the trust region), up to 1000 Newton iterations, against
+the sequential Tsit5 solve on the same grid.
 """
 
+import argparse
 import pathlib
+import sys
 
 import diffrax
 import jax
@@ -31,7 +39,7 @@ import optimistix as optx
 import deer_diffrax
 
 
-jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_enable_x64", "--float32" not in sys.argv)
 
 MAX_STEPS = 200
 OUTPUT = pathlib.Path(__file__).resolve().parents[1] / "figures" / "predictability.png"
@@ -117,7 +125,73 @@ def ode_points():
     return points
 
 
+def lorenz_windows():
+    """Lorenz in one window of `L` time units (100 substeps per unit) with the
+    default damping: iterations, growth and the distance to the sequential solve."""
+    dtype = jnp.zeros(()).dtype
+    eps = float(jnp.finfo(dtype).eps)
+    y0 = diffrax.diffeqsolve(
+        diffrax.ODETerm(_lorenz),
+        diffrax.Tsit5(),
+        0.0,
+        10.0,
+        0.01,
+        jnp.array([1.0, 1.0, 1.0]),
+    ).ys[-1]
+    print(f"Lorenz, one window, {dtype}, DeerSolver defaults, max 1000 iterations")
+    print()
+    print(
+        "| L | substeps | Newton iterations | converged | LLE x L | "
+        "max relative difference to sequential | eps exp(LLE x L) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for length in (1, 2, 4, 8, 12, 16):
+        substeps = 100 * length
+        solver = deer_diffrax.DeerSolver(
+            num_substeps=substeps, max_newton_steps=1000, estimate_lyapunov=True
+        )
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(_lorenz),
+            solver,
+            0.0,
+            float(length),
+            float(length),
+            y0,
+            saveat=diffrax.SaveAt(t1=True, solver_state=True),
+            throw=False,
+        )
+        sequential = diffrax.diffeqsolve(
+            diffrax.ODETerm(_lorenz),
+            diffrax.Tsit5(),
+            0.0,
+            float(length),
+            0.01,
+            y0,
+            max_steps=substeps + 1,
+        )
+        diag = deer_diffrax.diagnostics(sol)
+        ok = bool(sol.result == diffrax.RESULTS.successful)
+        difference = float(
+            jnp.max(jnp.abs(sol.ys[-1] - sequential.ys[-1]))
+            / jnp.max(jnp.abs(sequential.ys[-1]))
+        )
+        growth = diag.last_window_growth
+        print(
+            f"| {length} | {substeps} | {diag.most_newton_steps} | "
+            f"{'yes' if ok else 'no'} | {growth:.1f} | "
+            f"{difference if ok else float('nan'):.1e} | "
+            f"{eps * float(jnp.exp(growth)):.1e} |"
+        )
+
+
 def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lorenz-windows", action="store_true")
+    parser.add_argument("--float32", action="store_true")
+    options = parser.parse_args()
+    if options.lorenz_windows:
+        lorenz_windows()
+        return
     points = rnn_points() + ode_points()
     print("| problem | LLE x length | Newton iterations | converged |")
     print("|---|---|---|---|")
