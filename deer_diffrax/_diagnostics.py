@@ -73,13 +73,30 @@ class DeerDiagnostics(eqx.Module):
             f"{self.last_error_estimate:.2e} of tolerance; {self.num_rejected} "
             f"damping rejections; {self.num_fallbacks} sequential fallbacks; "
             + lyapunov
-            + (
-                " The last window did not converge; where the Lyapunov exponent is "
-                "positive the dynamics are chaotic and shorter windows (smaller "
-                "`dt0` or `num_substeps`, or an adaptive controller) are the remedy."
-                if not self.last_error_estimate <= 1
-                else ""
+            + (self._failure_advice() if not self.last_error_estimate <= 1 else "")
+        )
+
+    def _failure_advice(self) -> str:
+        exponent = self.lyapunov_exponent
+        if exponent is not None and exponent > 0:
+            # Measured on Lorenz with the default trust region: about 12 iterations
+            # per time unit of window, and ~10 at LLE x L = 2 (docs: "Will DEER be
+            # fast on my problem?").
+            return (
+                " The last window did not converge, and the dynamics are chaotic: "
+                f"perturbations grow like exp({exponent:.3g} t), so Newton's "
+                "iterations grow with the window's length. Windows of about "
+                f"2 / {exponent:.3g} = {2 / exponent:.3g} time units keep them to "
+                "tens: pass a smaller `dt0` (or fewer `num_substeps` per window at "
+                "the same substep), or an adaptive controller, which shrinks a "
+                "window that fails."
             )
+        return (
+            " The last window did not converge; where the Lyapunov exponent is "
+            "positive the dynamics are chaotic and shorter windows (smaller "
+            "`dt0` or `num_substeps`, or an adaptive controller) are the remedy; "
+            "otherwise a better `initial_guess`, `fallback='sequential'` or more "
+            "`max_newton_steps`."
         )
 
 

@@ -137,3 +137,34 @@ def test_not_estimated_unless_asked():
     assert off.total_newton_steps == on.total_newton_steps
     with pytest.raises(ValueError, match="estimate_lyapunov"):
         deer_diffrax.DeerSolver(estimate_lyapunov="yes")
+
+
+def test_failed_chaotic_window_gets_window_length_advice():
+    # Lorenz: three windows of 0.5 converge and measure the exponent (about 0.9);
+    # a last window of 5 time units cannot converge in 20 iterations, and the
+    # summary says the dynamics are chaotic and which window length to use.
+    solver = deer_diffrax.DeerSolver(
+        num_substeps=400, max_newton_steps=20, estimate_lyapunov=True
+    )
+    term = diffrax.ODETerm(_lorenz)
+    y0 = diffrax.diffeqsolve(
+        term, diffrax.Tsit5(), 0.0, 10.0, 0.01, jnp.array([1.0, 1.0, 1.0])
+    ).ys[-1]
+    sol = diffrax.diffeqsolve(
+        term,
+        solver,
+        0.0,
+        6.5,
+        None,
+        y0,
+        stepsize_controller=diffrax.StepTo(jnp.array([0.0, 0.5, 1.0, 1.5, 6.5])),
+        saveat=diffrax.SaveAt(t1=True, solver_state=True),
+        throw=False,
+    )
+    assert sol.result != diffrax.RESULTS.successful
+    info = deer_diffrax.diagnostics(sol)
+    assert info.num_windows == 4  # the failed window's state is the one returned
+    assert 0.2 < info.lyapunov_exponent < 3
+    text = str(info)
+    assert "dynamics are chaotic" in text
+    assert f"= {2 / info.lyapunov_exponent:.3g} time units" in text
