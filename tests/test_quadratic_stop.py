@@ -64,8 +64,9 @@ def test_gru_float64_stops_on_the_quadratic_estimate_with_exact_gradients():
     assert float(stats.error_estimate) <= 1
     assert max_relative_difference(ys, reference) <= 1e-13
 
-    # The gradient linearises at the root itself, not at the iterate the last step
-    # started from (4e-7 away here): exact to rounding, as with the extra iteration.
+    # A differentiated solve does not stop on the prediction (the iterate its last
+    # step started from would be 4e-7 away, too far for the gradient's blocks): the
+    # gradient stays exact to rounding.
     def loss(scan_fn, c):
         return jnp.sum(scan_fn(step(c), jnp.zeros(8), xs)[1] ** 2)
 
