@@ -79,8 +79,9 @@ def _lorenz(t, y, args):
     return jnp.stack([10 * (yy - x), x * (28 - z) - yy, x * yy - 8 / 3 * z])
 
 
-def ode_points():
-    lorenz_y0 = diffrax.diffeqsolve(
+def _on_the_attractor():
+    """A Lorenz state after 10 time units from (1, 1, 1)."""
+    return diffrax.diffeqsolve(
         diffrax.ODETerm(_lorenz),
         diffrax.Tsit5(),
         0.0,
@@ -88,6 +89,10 @@ def ode_points():
         0.01,
         jnp.array([1.0, 1.0, 1.0]),
     ).ys[-1]
+
+
+def ode_points():
+    lorenz_y0 = _on_the_attractor()
     problems = [
         ("rotation", _rotation, jnp.array([1.0, 0.0]), (2.0, 8.0)),
         ("Lorenz", _lorenz, lorenz_y0, (0.25, 0.5, 1.0, 2.0)),
@@ -130,14 +135,7 @@ def lorenz_windows():
     default damping: iterations, growth and the distance to the sequential solve."""
     dtype = jnp.zeros(()).dtype
     eps = float(jnp.finfo(dtype).eps)
-    y0 = diffrax.diffeqsolve(
-        diffrax.ODETerm(_lorenz),
-        diffrax.Tsit5(),
-        0.0,
-        10.0,
-        0.01,
-        jnp.array([1.0, 1.0, 1.0]),
-    ).ys[-1]
+    y0 = _on_the_attractor()
     print(f"Lorenz, one window, {dtype}, DeerSolver defaults, max 1000 iterations")
     print()
     print(
