@@ -385,16 +385,16 @@ class DeerNewton(optx.AbstractRootFinder):
         return jnp.where(jnp.isfinite(estimate), estimate, jnp.inf)
 
     def exact_residual_and_blocks(self, fn, y, args) -> tuple[Array, Array]:
-        """The residual at `y` and the exact Jacobian blocks there (in the Jacobian
-        mode's layout if that is exact, else dense), the cheapest way the
-        linearisation offers them (a surrogate's are not the residual's: then by
-        probing the residual)."""
+        """The residual at `y` and the exact dense Jacobian blocks there, the
+        cheapest way the linearisation offers them (a surrogate's are not the
+        residual's: then by probing the residual)."""
         exact = (
             self.linearisation if self.linearisation.exact else ResidualLinearisation()
         )
-        jacobian = self.jacobian if self.jacobian.exact else FullJacobian()
         struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        residual, _, blocks = exact.residual_and_blocks(fn, y, args, jacobian, struct)
+        residual, _, blocks = exact.residual_and_blocks(
+            fn, y, args, FullJacobian(), struct
+        )
         return residual, blocks
 
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
@@ -402,8 +402,8 @@ class DeerNewton(optx.AbstractRootFinder):
         if self._exact:
             # The last step was an exact Newton step whose update was within
             # tolerance (or predicted an updated iterate within 1% of it), so the
-            # returned iterate is the updated one. Where the
-            # linearised recurrence amplifies strongly that step can still spoil it:
+            # returned iterate is the updated one. Where the linearised recurrence
+            # amplifies strongly that step can still spoil it:
             # keep the point it started from if the step made the residual both worse
             # and larger than the tolerance (or non-finite).
             residual, _ = fn(y, args)
@@ -635,9 +635,12 @@ def solve_trajectory(
     the exact blocks of the last Newton step).
 
     Never raises, forward or backward: failures are in `result`, and the derivative
-    of a failed solve is NaN. A solve counts as successful only if the
-    error estimate of the returned trajectory is within tolerance (after a
-    quasi-Newton solve, the one given by its final exact Newton step).
+    of a failed solve is NaN. A solve that is differentiated runs to an exact update
+    within tolerance (`DeerNewton.stop_on_prediction` is switched off), so that the
+    blocks its gradient reuses are those of a point within tolerance of the root. A
+    solve counts as successful only if the error estimate of the returned
+    trajectory is within tolerance (after a quasi-Newton solve, the one given by its
+    final exact Newton step).
 
     **Arguments:**
 
