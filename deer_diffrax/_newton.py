@@ -314,8 +314,6 @@ class DeerNewton(optx.AbstractRootFinder):
         undamped = self.damping.is_undamped(damping) & update_finite
         if may_reject:
             undamped = undamped & accept
-        undamped_run = jnp.where(undamped, state.undamped_run + 1, 0)
-        if may_reject:
             # A non-finite trial would stop Optimistix's loop before the next step
             # could reject it: reject it here, staying at the anchor.
             new_y = jnp.where(update_finite, new_y, anchor)
@@ -323,6 +321,7 @@ class DeerNewton(optx.AbstractRootFinder):
             update_norm = jnp.where(update_finite, update_norm, jnp.inf)
         else:
             still_finite = still_finite & jnp.all(jnp.isfinite(update))
+        undamped_run = jnp.where(undamped, state.undamped_run + 1, 0)
         new_state = DeerNewtonState(
             residual_norm=residual_norm,
             update_norm=update_norm,
@@ -384,21 +383,9 @@ class DeerNewton(optx.AbstractRootFinder):
         estimate = jnp.where(undamped, chosen, jnp.inf)
         return jnp.where(jnp.isfinite(estimate), estimate, jnp.inf)
 
-    def exact_residual_and_blocks(self, fn, y, args) -> tuple[Array, Array]:
-        """The residual at `y` and the exact dense Jacobian blocks there, the
-        cheapest way the linearisation offers them (a surrogate's are not the
-        residual's: then by probing the residual)."""
-        exact = (
-            self.linearisation if self.linearisation.exact else ResidualLinearisation()
-        )
-        struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
-        residual, _, blocks = exact.residual_and_blocks(
-            fn, y, args, FullJacobian(), struct
-        )
-        return residual, blocks
-
     def postprocess(self, fn, y, aux, args, options, state, tags, result):
         del options, tags, result
+        struct = jax.ShapeDtypeStruct(y.shape, y.dtype)
         if self._exact:
             # The last step was an exact Newton step whose update was within
             # tolerance (or predicted an updated iterate within 1% of it), so the
@@ -426,7 +413,16 @@ class DeerNewton(optx.AbstractRootFinder):
             # the quasi-Newton iterate to first order, a check that sees everything;
             # applying it squares that error.
             start = jnp.where(jnp.all(jnp.isfinite(y)), y, state.anchor)
-            residual, blocks = self.exact_residual_and_blocks(fn, start, args)
+            # The exact blocks, the cheapest way the linearisation offers them (a
+            # surrogate's are not the residual's: then by probing the residual).
+            exact = (
+                self.linearisation
+                if self.linearisation.exact
+                else ResidualLinearisation()
+            )
+            residual, _, blocks = exact.residual_and_blocks(
+                fn, start, args, FullJacobian(), struct
+            )
             update = lx.linear_solve(
                 BlockBidiagonalOperator(blocks),
                 residual,

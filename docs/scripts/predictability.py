@@ -28,7 +28,6 @@ the sequential Tsit5 solve on the same grid.
 
 import argparse
 import pathlib
-import sys
 
 import diffrax
 import jax
@@ -38,8 +37,6 @@ import optimistix as optx
 
 import deer_diffrax
 
-
-jax.config.update("jax_enable_x64", "--float32" not in sys.argv)
 
 MAX_STEPS = 200
 OUTPUT = pathlib.Path(__file__).resolve().parents[1] / "figures" / "predictability.png"
@@ -187,6 +184,7 @@ def main():
     parser.add_argument("--lorenz-windows", action="store_true")
     parser.add_argument("--float32", action="store_true")
     options = parser.parse_args()
+    jax.config.update("jax_enable_x64", not options.float32)
     if options.lorenz_windows:
         lorenz_windows()
         return
