@@ -1,6 +1,11 @@
 """Exact Newton stops one iteration early once its updates shrink quadratically, and
 the answer and its gradient stay those of the sequential solve."""
 
+import json
+import os
+import subprocess
+import sys
+
 import diffrax
 import equinox as eqx
 import jax
@@ -105,3 +110,62 @@ def test_deer_solver_float64_stops_early_and_matches_sequential():
     grad = jax.grad(loss(deer, 10.0, 2))(y0)
     grad_sequential = jax.grad(loss(diffrax.Tsit5(), 0.01, 1002))(y0)
     assert max_relative_difference(grad, grad_sequential) <= 1e-12
+
+
+_FLOAT32_SCAN = r"""
+import json
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import deer_diffrax
+
+assert not jax.config.jax_enable_x64
+cell = eqx.nn.GRUCell(4, 32, key=jr.key(0))
+xs = jr.normal(jr.key(1), (1000, 4))
+step = lambda h, x: (cell(x, h), cell(x, h))
+(_, ys), stats = deer_diffrax.scan(step, jnp.zeros(32), xs, return_stats=True)
+_, sequential = jax.lax.scan(step, jnp.zeros(32), xs)
+leaves = jax.tree_util.tree_leaves(eqx.filter(cell, eqx.is_array))
+print(json.dumps(dict(
+    iterations=int(stats.num_newton_steps),
+    deer=ys.tolist(),
+    sequential=sequential.tolist(),
+    leaves=[x.tolist() for x in leaves],
+    xs=xs.tolist(),
+)))
+"""
+
+
+def test_float32_scan_that_stops_early_matches_sequential_rounding():
+    # With 64-bit JAX off, as users train: a GRU of hidden size 32, where float32
+    # Newton stops on the quadratic prediction (3 iterations where the plain rule
+    # takes 4). Its states must be as close to the float64 recurrence as the
+    # sequential float32 `lax.scan`'s are (within 10x).
+    env = dict(os.environ, JAX_ENABLE_X64="0")
+    out = subprocess.run(
+        [sys.executable, "-c", _FLOAT32_SCAN],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(out.stdout.splitlines()[-1])
+    template = eqx.nn.GRUCell(4, 32, key=jr.key(0), dtype=jnp.float64)
+    params, static = eqx.partition(template, eqx.is_array)
+    leaves = [jnp.asarray(x, jnp.float64) for x in result["leaves"]]
+    cell = eqx.combine(
+        jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), leaves),
+        static,
+    )
+    xs = jnp.asarray(result["xs"], jnp.float64)
+    _, reference = jax.lax.scan(
+        lambda h, x: (cell(x, h), cell(x, h)), jnp.zeros(32, jnp.float64), xs
+    )
+    sequential_error = max_relative_difference(
+        jnp.asarray(result["sequential"], jnp.float64), reference
+    )
+    error = max_relative_difference(jnp.asarray(result["deer"], jnp.float64), reference)
+    assert result["iterations"] == 3
+    assert 0 < sequential_error < 1e-5
+    assert error <= 10 * sequential_error, (error, sequential_error)
