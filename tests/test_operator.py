@@ -56,12 +56,14 @@ def _sequential_recurrence(blocks, rhs):
 
 
 # Lengths on both sides of where halving hands over to recursive doubling (128 steps
-# for small blocks, 32 for large ones), odd and even, and the degenerate ones.
+# for blocks up to 4 x 4, 32 up to 8 x 8, 8 for larger ones), odd and even, and the
+# degenerate ones.
 @pytest.mark.parametrize(
     "layout, t",
     [("dense", t) for t in (1, 128, 129, 1001)]
     + [("diagonal", 2), ("diagonal", 129), ("block_diagonal", 3)]
-    + [("block_diagonal", 300), ("large", 32), ("large", 33), ("large", 300)],
+    + [("block_diagonal", 300), ("medium", 32), ("medium", 33), ("medium", 300)]
+    + [("large", 8), ("large", 9), ("large", 300)],
 )
 def test_recurrence_matches_sequential_loop(layout, t):
     key_blocks, key_rhs = jax.random.split(jax.random.PRNGKey(5))
@@ -69,6 +71,7 @@ def test_recurrence_matches_sequential_loop(layout, t):
         "dense": ((t, 2, 2), 2),
         "diagonal": ((t, 3), 3),
         "block_diagonal": ((t, 2, 2, 2), 4),
+        "medium": ((t, 8, 8), 8),
         "large": ((t, 12, 12), 12),
     }[layout]
     # Contracting on average, so that 1000 steps stay representable.
