@@ -103,16 +103,17 @@ def _solve_by_doubling(blocks: Array, rhs: Array) -> Array:
 
 
 def _doubling_size(blocks: Array) -> int:
-    """The length below which `_solve_by_halves` hands over to `_solve_by_doubling`,
-    from the work of one composition (multiply-adds per step: `n` for diagonal
-    blocks, `n^3` for dense ones, `m k^3` for `m` blocks of `k x k`). Doubling
-    composes `log2` of the length times more blocks than halving, but is one loop
-    body however many levels it replaces: worth it where a composition is cheap.
-    Measured on a 2-core CPU (GRU scan, full Jacobian, `T = 1e3`, 4 or 3 Newton
-    iterations): at `n = 2..4` handing over at 128 steps roughly halves the
-    recurrence's compile time and costs no run time; at `n = 8` it cost 13%
-    (float32) and 26% (float64) of the whole solve against 32, with the same
-    compile time within noise; at `n = 32` 18 ms against 8 ms at 8 steps."""
+    """The length below which `_solve_by_halves` hands over to `_solve_by_doubling`
+    (for recurrences of up to `2^7` times that length), from the work of one
+    composition (multiply-adds per step: `n` for diagonal blocks, `n^3` for dense
+    ones, `m k^3` for `m` blocks of `k x k`). Doubling composes `log2` of the
+    length times more blocks than halving, but is one loop body however many levels
+    it replaces: worth it where a composition is cheap. Measured on a 2-core CPU
+    (GRU scan, full Jacobian, `T = 1e3`, 4 or 3 Newton iterations): at `n = 2..4`
+    handing over at 128 steps roughly halves the recurrence's compile time and
+    costs no run time; at `n = 8` it cost 13% (float32) and 26% (float64) of the
+    whole solve against 32, with the same compile time within noise; at `n = 32`
+    handing over at 32 took 20-23 ms against 9-13 ms at 8."""
     if blocks.ndim == 2:
         work = blocks.shape[-1]
     else:
@@ -124,7 +125,24 @@ def _doubling_size(blocks: Array) -> int:
     return 8
 
 
-def _solve_by_halves(blocks: Array, rhs: Array) -> Array:
+# The most halving levels before doubling takes over, whatever the length: each
+# level is a copy of the halving code in the compiled program (about 9 kernels),
+# while doubling's extra compositions on the last `T / 2^7` steps are a few percent
+# of the `2T` that halving does. Measured on a 2-core CPU, recurrence alone at
+# `T = 1e5`: 8 x 8 blocks 95 -> 60 kernels, compile 1.56 -> 0.96 s, run 28.4 ->
+# 27.2 ms; 2 x 2 blocks 69 -> 52 kernels, compile 0.97-1.13 -> 0.82-0.90 s, run
+# 1.51-1.52 -> 1.64-2.3 ms (noisy).
+_MAX_HALVING_LEVELS = 7
+
+
+def _hand_over_length(blocks: Array) -> int:
+    """The length at which halving hands over to doubling for a recurrence of
+    `len(blocks)` steps."""
+    longest_tail = -(-blocks.shape[0] // 2**_MAX_HALVING_LEVELS)
+    return max(_doubling_size(blocks), longest_tail)
+
+
+def _solve_by_halves(blocks: Array, rhs: Array, hand_over: int) -> Array:
     # Pairing neighbours, `x_{2k+1} = (J_{2k+1} J_{2k}) x_{2k-1} + (J_{2k+1} r_{2k} +
     # r_{2k+1})` is a recurrence of the same form (with `x_{-1} = 0`) over the odd
     # steps, half as long: solve it recursively (`log2 T` levels), then each even
@@ -132,15 +150,16 @@ def _solve_by_halves(blocks: Array, rhs: Array) -> Array:
     # propagates vectors only. A generic prefix scan also forms every prefix
     # product of the blocks, which XLA then removes as dead code (so it runs as
     # fast), but only after tracing and compiling it: this program is smaller.
+    # Once at most `hand_over` steps are left, recursive doubling finishes.
     num_steps = rhs.shape[0]
     if num_steps == 1:
         return rhs  # x_0 = r_0: blocks[0] multiplies x_{-1} = 0.
-    if num_steps <= _doubling_size(blocks):
+    if num_steps <= hand_over:
         return _solve_by_doubling(blocks, rhs)
     pair_blocks, pair_rhs = compose_affine(
         (blocks[0:-1:2], rhs[0:-1:2]), (blocks[1::2], rhs[1::2])
     )
-    odd = _solve_by_halves(pair_blocks, pair_rhs)
+    odd = _solve_by_halves(pair_blocks, pair_rhs, hand_over)
     later_even = _apply(blocks[2::2], odd[: (num_steps - 1) // 2]) + rhs[2::2]
     even = jnp.concatenate([rhs[:1], later_even])
     return _interleave(even, odd)
@@ -164,9 +183,11 @@ def solve_linear_recurrence(
     """
     if blocks.ndim == 4:
         # `n / k` independent recurrences of size `k`, batched: `O(T n k^2)` work.
-        x = _solve_by_halves(blocks, rhs.reshape(blocks.shape[:3]))
+        x = _solve_by_halves(
+            blocks, rhs.reshape(blocks.shape[:3]), _hand_over_length(blocks)
+        )
         return x.reshape(rhs.shape)
-    return _solve_by_halves(blocks, rhs)
+    return _solve_by_halves(blocks, rhs, _hand_over_length(blocks))
 
 
 def shift_transposed(blocks):

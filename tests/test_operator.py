@@ -56,11 +56,13 @@ def _sequential_recurrence(blocks, rhs):
 
 
 # Lengths on both sides of where halving hands over to recursive doubling (128 steps
-# for blocks up to 4 x 4, 32 up to 8 x 8, 8 for larger ones), odd and even, and the
-# degenerate ones.
+# for blocks up to 4 x 4, 32 up to 8 x 8, 8 for larger ones), odd and even, the
+# degenerate ones, and lengths past 2^7 times that, where doubling takes over after
+# at most 7 halvings.
 @pytest.mark.parametrize(
     "layout, t",
-    [("dense", t) for t in (1, 128, 129, 1001)]
+    [("dense", t) for t in (1, 128, 129, 1001, 20001)]
+    + [("medium", 5000)]
     + [("diagonal", 2), ("diagonal", 129), ("block_diagonal", 3)]
     + [("block_diagonal", 300), ("medium", 32), ("medium", 33), ("medium", 300)]
     + [("large", 8), ("large", 9), ("large", 300)],
