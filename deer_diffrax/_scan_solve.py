@@ -254,8 +254,9 @@ class AssociativeScanSolver(AbstractBidiagonalScanSolver):
     way, and the remaining steps filled in by matrix-vector products (about `T`
     block products in all; no prefix products of the blocks are formed). The
     last, short levels (up to 128 steps for blocks up to 4 x 4, 32 up to 8 x 8, 8
-    for larger ones) are one loop of recursive doubling, which compiles to one loop
-    body instead of a copy per level.
+    for larger ones; all after the seventh halving for longer recurrences) are one
+    loop of recursive doubling, which compiles to one loop body instead of a copy
+    per level.
 
     Accepts a [`deer_diffrax.BlockBidiagonalOperator`][] directly, or any Lineax
     operator on `(T, n)` arrays carrying
