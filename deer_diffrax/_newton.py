@@ -179,6 +179,7 @@ class DeerNewton(optx.AbstractRootFinder):
     linear_solver: lx.AbstractLinearSolver = AssociativeScanSolver()
     linearisation: AbstractLinearisation = ResidualLinearisation()
     stop_on_prediction: bool = eqx.field(static=True, default=True)
+    relinearise_on_prediction: bool = eqx.field(static=True, default=False)
 
     @property
     def _exact(self) -> bool:
@@ -305,10 +306,29 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected = state.num_rejected
             residual, blocks = trial_residual, trial_blocks
 
-        update, new_y, damping = self.damping.update(
-            damping, anchor, blocks, residual, self.linear_solver
-        )
+        refresh = self._refreshes(state)
+        if refresh is None:
+            update, new_y, damping = self.damping.update(
+                damping, anchor, blocks, residual, self.linear_solver
+            )
+        else:
+            if may_reject:
+                refresh = refresh & accept
+            # The previous step's update predicted an error within 1% of the
+            # tolerance: this step only linearises there (above), for the blocks
+            # that the implicit gradient reuses, and skips the recurrence solve.
+            update, new_y, damping = jax.lax.cond(
+                refresh,
+                lambda: (jnp.zeros_like(anchor), anchor, damping),
+                lambda: self.damping.update(
+                    damping, anchor, blocks, residual, self.linear_solver
+                ),
+            )
         update_norm = norm_in(update, anchor_tolerance)
+        if refresh is not None:
+            # The error of the returned iterate is the one predicted.
+            predicted = _quadratic_estimate(state).astype(update_norm.dtype)
+            update_norm = jnp.where(refresh, predicted, update_norm)
         update_finite = jnp.all(jnp.isfinite(new_y))
         damping = self.damping.after_update(damping, update_finite)
         undamped = self.damping.is_undamped(damping) & update_finite
@@ -337,6 +357,17 @@ class DeerNewton(optx.AbstractRootFinder):
             anchor_blocks=blocks,
         )
         return new_y, new_state, aux
+
+    def _refreshes(self, state: DeerNewtonState) -> Bool[Array, ""] | None:
+        """With `relinearise_on_prediction` (and exact blocks), whether this step
+        starts from an iterate whose error the last updates predict to be within
+        `_QUADRATIC_SAFETY` of the tolerance (where `stop_on_prediction` would have
+        stopped); `None` when never."""
+        if not (self._exact and self.relinearise_on_prediction):
+            return None
+        undamped = self.damping.is_undamped(state.damping)
+        quadratic = _quadratic_estimate(state) / _QUADRATIC_SAFETY
+        return undamped & (state.num_steps > 0) & (quadratic <= 1)
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, y, args, options, tags
@@ -404,7 +435,9 @@ class DeerNewton(optx.AbstractRootFinder):
             # tolerance of the solution (to first order the solution's, for its
             # gradient and its Lyapunov exponent); after a stop on the quadratic
             # prediction, within the last update of it. A differentiated solve
-            # does not stop on the prediction (`_find_root_jvp`).
+            # does not stop there: it takes one more step that only linearises at
+            # the predicted iterate (`relinearise_on_prediction`), whose blocks
+            # these then are.
             exact_blocks = state.anchor_blocks
         else:
             # A quasi-Newton estimate of the error is blind to what its blocks
@@ -471,7 +504,14 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
     root).
 - `stop_on_prediction`: whether exact Newton may stop once three undamped updates
     in a row predict, by their quadratic rate, an error of 1% of the tolerance
-    (default `True`; a differentiated solve never does, see `solve_trajectory`).
+    (default `True`; a differentiated solve relinearises instead, see
+    `solve_trajectory`).
+- `relinearise_on_prediction`: with `stop_on_prediction=False`, whether such a
+    prediction makes the next step a last one that only linearises at the
+    predicted iterate (its residual and exact blocks, no recurrence solve) and
+    returns it: what a differentiated solve does, so that the blocks its gradient
+    reuses are those of the returned iterate at half an iteration's cost (default
+    `False`).
 """
 
 
@@ -590,13 +630,17 @@ def _find_root_jvp(primals, tangents, *, max_steps):
     # reverse-time scan. The initial guess gets no derivative.
     residual_fn, guess, args, newton = primals
     t_residual_fn, _, t_args, _ = tangents
-    # A differentiated solve runs to an update within tolerance, so that the last
-    # step's blocks are those of a point within tolerance of the root: after a stop
-    # on the quadratic prediction they would be a whole update away (4e-7 relative
-    # on a float64 GRU, gradients then off by 2e-9), and evaluating them at the
-    # root instead would put a second copy of the linearisation into every
-    # differentiated program (measured: +28% compile time for a gradient).
-    newton = dataclasses.replace(newton, stop_on_prediction=False)
+    # The blocks must be those of a point within tolerance of the root: after a
+    # stop on the quadratic prediction, the last step's would be a whole update
+    # away (4e-7 relative on a float64 GRU, gradients then off by 2e-9). So where
+    # the forward solve would stop on the prediction, a differentiated one takes
+    # one more step that linearises at the predicted iterate and skips the
+    # recurrence solve: half an iteration, inside the loop body that already holds
+    # the linearisation (linearising at the root after the loop instead put a
+    # second copy of it into every gradient program: +28% compile time).
+    newton = dataclasses.replace(
+        newton, stop_on_prediction=False, relinearise_on_prediction=True
+    )
     out = _find_root(residual_fn, guess, args, newton, max_steps=max_steps)
     root, _, stats = out
     inputs, t_inputs = (residual_fn, args), (t_residual_fn, t_args)
@@ -631,9 +675,10 @@ def solve_trajectory(
     the exact blocks of the last Newton step).
 
     Never raises, forward or backward: failures are in `result`, and the derivative
-    of a failed solve is NaN. A solve that is differentiated runs to an exact update
-    within tolerance (`DeerNewton.stop_on_prediction` is switched off), so that the
-    blocks its gradient reuses are those of a point within tolerance of the root. A
+    of a failed solve is NaN. A solve that is differentiated does not stop on the
+    quadratic prediction: it linearises once more at the predicted iterate
+    (`DeerNewton.relinearise_on_prediction`), so that the blocks its gradient
+    reuses are those of the returned point, within tolerance of the root. A
     solve counts as successful only if the error estimate of the returned
     trajectory is within tolerance (after a quasi-Newton solve, the one given by its
     final exact Newton step).

@@ -70,8 +70,8 @@ def test_gru_float64_stops_on_the_quadratic_estimate_with_exact_gradients():
     assert max_relative_difference(ys, reference) <= 1e-13
 
     # A differentiated solve does not stop on the prediction (the iterate its last
-    # step started from would be 4e-7 away, too far for the gradient's blocks): the
-    # gradient stays exact to rounding.
+    # step started from would be 4e-7 away, too far for the gradient's blocks) but
+    # linearises once more there: the gradient stays exact to rounding.
     def loss(scan_fn, c):
         return jnp.sum(scan_fn(step(c), jnp.zeros(8), xs)[1] ** 2)
 
@@ -169,3 +169,42 @@ def test_float32_scan_that_stops_early_matches_sequential_rounding():
     assert result["iterations"] == 3
     assert 0 < sequential_error < 1e-5
     assert error <= 10 * sequential_error, (error, sequential_error)
+
+
+def test_relinearising_on_the_prediction_returns_the_same_iterate_with_its_blocks():
+    # What a differentiated solve does: where the forward solve stops on the
+    # prediction, one more step only linearises at the iterate it returned (no
+    # recurrence solve), so that the gradient's blocks are the ones there.
+    import optimistix as optx
+
+    from deer_diffrax._operator import shift_in
+
+    cell = eqx.nn.GRUCell(4, 8, key=jr.key(0), dtype=jnp.float64)
+    xs = jr.normal(jr.key(1), (1000, 4))
+    h0 = jnp.zeros(8)
+
+    def residual(ys, _):
+        return ys - jax.vmap(lambda h, x: cell(x, h))(shift_in(h0, ys), xs)
+
+    def solve(newton):
+        return optx.root_find(
+            residual, newton, jnp.zeros((1000, 8)), max_steps=50, throw=False
+        )
+
+    forward = solve(deer_diffrax.DeerNewton(damping=False))
+    relinearised = solve(
+        deer_diffrax.DeerNewton(
+            damping=False, stop_on_prediction=False, relinearise_on_prediction=True
+        )
+    )
+    assert forward.result == optx.RESULTS.successful
+    assert relinearised.result == optx.RESULTS.successful
+    assert int(forward.stats["num_newton_steps"]) == 4
+    assert int(relinearised.stats["num_newton_steps"]) == 5
+    assert bool(jnp.all(relinearised.value == forward.value))
+    # The blocks are d h_t / d h_(t-1) at the returned trajectory.
+    previous = shift_in(h0, relinearised.value)
+    expected = jax.vmap(jax.jacfwd(lambda h, x: cell(x, h)))(previous, xs)
+    blocks = relinearised.stats["exact_blocks"]
+    assert max_relative_difference(blocks[1:], expected[1:]) <= 1e-14
+    assert float(relinearised.stats["error_estimate"]) <= 0.01
