@@ -306,12 +306,13 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected = state.num_rejected
             residual, blocks = trial_residual, trial_blocks
 
-        refresh = self._refreshes(state)
-        if refresh is None:
+        prediction = self._relinearisation_prediction(state)
+        if prediction is None:
             update, new_y, damping = self.damping.update(
                 damping, anchor, blocks, residual, self.linear_solver
             )
         else:
+            refresh, predicted = prediction
             if may_reject:
                 refresh = refresh & accept
             # The previous step's update predicted an error within 1% of the
@@ -325,10 +326,11 @@ class DeerNewton(optx.AbstractRootFinder):
                 ),
             )
         update_norm = norm_in(update, anchor_tolerance)
-        if refresh is not None:
+        if prediction is not None:
             # The error of the returned iterate is the one predicted.
-            predicted = _quadratic_estimate(state).astype(update_norm.dtype)
-            update_norm = jnp.where(refresh, predicted, update_norm)
+            update_norm = jnp.where(
+                refresh, predicted.astype(update_norm.dtype), update_norm
+            )
         update_finite = jnp.all(jnp.isfinite(new_y))
         damping = self.damping.after_update(damping, update_finite)
         undamped = self.damping.is_undamped(damping) & update_finite
@@ -358,16 +360,21 @@ class DeerNewton(optx.AbstractRootFinder):
         )
         return new_y, new_state, aux
 
-    def _refreshes(self, state: DeerNewtonState) -> Bool[Array, ""] | None:
-        """With `relinearise_on_prediction` (and exact blocks), whether this step
+    def _relinearisation_prediction(
+        self, state: DeerNewtonState
+    ) -> tuple[Bool[Array, ""], Float[Array, ""]] | None:
+        """With `relinearise_on_prediction` (and exact blocks): whether this step
         starts from an iterate whose error the last updates predict to be within
         `_QUADRATIC_SAFETY` of the tolerance (where `stop_on_prediction` would have
-        stopped); `None` when never."""
+        stopped), and that predicted error; `None` when never."""
         if not (self._exact and self.relinearise_on_prediction):
             return None
         undamped = self.damping.is_undamped(state.damping)
-        quadratic = _quadratic_estimate(state) / _QUADRATIC_SAFETY
-        return undamped & (state.num_steps > 0) & (quadratic <= 1)
+        predicted = _quadratic_estimate(state)
+        refresh = (
+            undamped & (state.num_steps > 0) & (predicted / _QUADRATIC_SAFETY <= 1)
+        )
+        return refresh, predicted
 
     def terminate(self, fn, y, args, options, state, tags):
         del fn, y, args, options, tags

@@ -11,11 +11,13 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import optimistix as optx
 import pytest
 from helpers import max_relative_difference
 
 import deer_diffrax
 from deer_diffrax._newton import _quadratic_estimate, DeerNewtonState
+from deer_diffrax._operator import shift_in
 
 
 def _state(norms, undamped_run=3, dtype=jnp.float64):
@@ -175,10 +177,6 @@ def test_relinearising_on_the_prediction_returns_the_same_iterate_with_its_block
     # What a differentiated solve does: where the forward solve stops on the
     # prediction, one more step only linearises at the iterate it returned (no
     # recurrence solve), so that the gradient's blocks are the ones there.
-    import optimistix as optx
-
-    from deer_diffrax._operator import shift_in
-
     cell = eqx.nn.GRUCell(4, 8, key=jr.key(0), dtype=jnp.float64)
     xs = jr.normal(jr.key(1), (1000, 4))
     h0 = jnp.zeros(8)
