@@ -2,7 +2,7 @@
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import equinox as eqx
 import jax
@@ -178,8 +178,16 @@ class DeerNewton(optx.AbstractRootFinder):
     )
     linear_solver: lx.AbstractLinearSolver = AssociativeScanSolver()
     linearisation: AbstractLinearisation = ResidualLinearisation()
-    stop_on_prediction: bool = eqx.field(static=True, default=True)
-    relinearise_on_prediction: bool = eqx.field(static=True, default=False)
+    on_prediction: Literal["stop", "relinearise", "ignore"] = eqx.field(
+        static=True, default="stop"
+    )
+
+    def __check_init__(self):
+        if self.on_prediction not in ("stop", "relinearise", "ignore"):
+            raise ValueError(
+                "`on_prediction` must be 'stop', 'relinearise' or 'ignore'; got "
+                f"{self.on_prediction!r}."
+            )
 
     @property
     def _exact(self) -> bool:
@@ -363,11 +371,11 @@ class DeerNewton(optx.AbstractRootFinder):
     def _relinearisation_prediction(
         self, state: DeerNewtonState
     ) -> tuple[Bool[Array, ""], Float[Array, ""]] | None:
-        """With `relinearise_on_prediction` (and exact blocks): whether this step
+        """With `on_prediction="relinearise"` (and exact blocks): whether this step
         starts from an iterate whose error the last updates predict to be within
-        `_QUADRATIC_SAFETY` of the tolerance (where `stop_on_prediction` would have
-        stopped), and that predicted error; `None` when never."""
-        if not (self._exact and self.relinearise_on_prediction):
+        `_QUADRATIC_SAFETY` of the tolerance (where `"stop"` would have stopped),
+        and that predicted error; `None` when never."""
+        if not (self._exact and self.on_prediction == "relinearise"):
             return None
         undamped = self.damping.is_undamped(state.damping)
         predicted = _quadratic_estimate(state)
@@ -411,7 +419,7 @@ class DeerNewton(optx.AbstractRootFinder):
         # the trajectory. Only an undamped exact update measures the error, and
         # only undamped quasi-Newton steps have the rate the estimate assumes.
         undamped = self.damping.is_undamped(state.damping)
-        if self._exact and self.stop_on_prediction:
+        if self._exact and self.on_prediction == "stop":
             quadratic = _quadratic_estimate(state) / _QUADRATIC_SAFETY
             chosen = jnp.minimum(update, quadratic)
         elif self._exact:
@@ -443,7 +451,7 @@ class DeerNewton(optx.AbstractRootFinder):
             # gradient and its Lyapunov exponent); after a stop on the quadratic
             # prediction, within the last update of it. A differentiated solve
             # does not stop there: it takes one more step that only linearises at
-            # the predicted iterate (`relinearise_on_prediction`), whose blocks
+            # the predicted iterate (`on_prediction="relinearise"`), whose blocks
             # these then are.
             exact_blocks = state.anchor_blocks
         else:
@@ -509,16 +517,14 @@ DeerNewton.__init__.__doc__ = """**Arguments:**
     ([`deer_diffrax.StepwiseLinearisation`][]), or the Jacobian of a cheaper
     surrogate ([`deer_diffrax.SurrogateLinearisation`][]: quasi-Newton with the same
     root).
-- `stop_on_prediction`: whether exact Newton may stop once three undamped updates
-    in a row predict, by their quadratic rate, an error of 1% of the tolerance
-    (default `True`; a differentiated solve relinearises instead, see
-    `solve_trajectory`).
-- `relinearise_on_prediction`: with `stop_on_prediction=False`, whether such a
-    prediction makes the next step a last one that only linearises at the
-    predicted iterate (its residual and exact blocks, no recurrence solve) and
-    returns it: what a differentiated solve does, so that the blocks its gradient
-    reuses are those of the returned iterate at half an iteration's cost (default
-    `False`).
+- `on_prediction`: what exact Newton does once three undamped updates in a row
+    predict, by their quadratic rate, an error of 1% of the tolerance. `"stop"`
+    (default): return the predicted iterate. `"relinearise"`: take one last step
+    that only linearises at the predicted iterate (its residual and exact blocks,
+    no recurrence solve) and return it, so that the blocks a gradient reuses are
+    those of the returned iterate, at half an iteration's cost; a differentiated
+    solve always does this (see `solve_trajectory`). `"ignore"`: go on until an
+    update is itself within tolerance.
 """
 
 
@@ -645,9 +651,7 @@ def _find_root_jvp(primals, tangents, *, max_steps):
     # recurrence solve: half an iteration, inside the loop body that already holds
     # the linearisation (linearising at the root after the loop instead put a
     # second copy of it into every gradient program: +28% compile time).
-    newton = dataclasses.replace(
-        newton, stop_on_prediction=False, relinearise_on_prediction=True
-    )
+    newton = dataclasses.replace(newton, on_prediction="relinearise")
     out = _find_root(residual_fn, guess, args, newton, max_steps=max_steps)
     root, _, stats = out
     inputs, t_inputs = (residual_fn, args), (t_residual_fn, t_args)
@@ -684,7 +688,7 @@ def solve_trajectory(
     Never raises, forward or backward: failures are in `result`, and the derivative
     of a failed solve is NaN. A solve that is differentiated does not stop on the
     quadratic prediction: it linearises once more at the predicted iterate
-    (`DeerNewton.relinearise_on_prediction`), so that the blocks its gradient
+    (`DeerNewton.on_prediction="relinearise"`), so that the blocks its gradient
     reuses are those of the returned point, within tolerance of the root. A
     solve counts as successful only if the error estimate of the returned
     trajectory is within tolerance (after a quasi-Newton solve, the one given by its

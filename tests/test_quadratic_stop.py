@@ -191,14 +191,19 @@ def test_relinearising_on_the_prediction_returns_the_same_iterate_with_its_block
 
     forward = solve(deer_diffrax.DeerNewton(damping=False))
     relinearised = solve(
-        deer_diffrax.DeerNewton(
-            damping=False, stop_on_prediction=False, relinearise_on_prediction=True
-        )
+        deer_diffrax.DeerNewton(damping=False, on_prediction="relinearise")
     )
+    # Ignoring the prediction, the fifth update must itself be within tolerance:
+    # a whole iteration more, and a different (more accurate) iterate.
+    plain = solve(deer_diffrax.DeerNewton(damping=False, on_prediction="ignore"))
     assert forward.result == optx.RESULTS.successful
     assert relinearised.result == optx.RESULTS.successful
+    assert plain.result == optx.RESULTS.successful
     assert int(forward.stats["num_newton_steps"]) == 4
     assert int(relinearised.stats["num_newton_steps"]) == 5
+    assert int(plain.stats["num_newton_steps"]) == 5
+    assert not bool(jnp.all(plain.value == forward.value))
+    assert max_relative_difference(plain.value, forward.value) <= 1e-13
     assert bool(jnp.all(relinearised.value == forward.value))
     # The blocks are d h_t / d h_(t-1) at the returned trajectory.
     previous = shift_in(h0, relinearised.value)
@@ -206,3 +211,8 @@ def test_relinearising_on_the_prediction_returns_the_same_iterate_with_its_block
     blocks = relinearised.stats["exact_blocks"]
     assert max_relative_difference(blocks[1:], expected[1:]) <= 1e-14
     assert float(relinearised.stats["error_estimate"]) <= 0.01
+
+
+def test_unknown_prediction_mode_is_refused():
+    with pytest.raises(ValueError, match="on_prediction"):
+        deer_diffrax.DeerNewton(on_prediction="stop_early")
