@@ -24,7 +24,10 @@ class AbstractDamping(eqx.Module):
     `is_undamped`, and set the class variable `may_reject`; one that computes its
     step differently (not as a linear recurrence with modified blocks, or not
     applied to the whole trajectory, as [`deer_diffrax.TrustRegion`][]) also
-    overrides `update`.
+    overrides `update`. One whose steps from the same starting point all use the
+    same undamped update (`damp` is the identity) and differ only in what they make
+    of it may set `reuses_update = True` and define `update_from`: Newton then
+    keeps that update for a rejected trial, instead of the Jacobian blocks there.
 
     **Arguments:** none here; subclasses define their own parameters.
     """
@@ -32,6 +35,11 @@ class AbstractDamping(eqx.Module):
     # Whether `judge` can ever reject a trial. If not, Newton keeps no anchor and
     # linearises every iterate directly.
     may_reject: ClassVar[bool]
+    # Whether every step from the same anchor uses the same undamped update (`damp`
+    # leaves the blocks as they are) and differs only in what `update_from` makes of
+    # it. Newton then keeps that update for a rejected trial instead of the anchor's
+    # residual and blocks.
+    reuses_update: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self, dtype) -> PyTree[Array]:
@@ -92,6 +100,17 @@ class AbstractDamping(eqx.Module):
         operator = BlockBidiagonalOperator(self.damp(state, blocks))
         solution = lx.linear_solve(operator, residual, linear_solver, throw=False)
         return solution.value, start - solution.value, state
+
+    def update_from(
+        self, state: PyTree[Array], start: Array, full_update: Array
+    ) -> tuple[Array, Array, PyTree[Array]]:
+        """For a strategy with `reuses_update`: the step's update, new iterate and
+        state, given the undamped update `full_update` at `start` (the solution of
+        the linear recurrence with the blocks and residual there)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} sets `reuses_update` but does not define "
+            "`update_from`."
+        )
 
     @abc.abstractmethod
     def after_update(

@@ -50,7 +50,13 @@ class DeerNewtonState(eqx.Module):
     - `anchor_blocks`: the (undamped) Jacobian blocks at `anchor`: what a rejected
         trial restarts from, and, after the last step, the exact linearisation that
         `postprocess` returns for the implicit gradient (and the Lyapunov estimate)
-        of the solution.
+        of the solution. With a strategy that rebuilds a rejected step from the
+        anchor's update (`AbstractDamping.reuses_update`), the blocks of the last
+        trial, which are the anchor's whenever the solve ends converged (its last
+        step was accepted).
+    - `anchor_update`: with such a strategy (and a linearisation safe at trial
+        points), the undamped update computed at `anchor`, from which a rejected
+        trial's step is rebuilt; else `None`.
     """
 
     residual_norm: Float[Array, ""]
@@ -65,6 +71,7 @@ class DeerNewtonState(eqx.Module):
     anchor: Array
     anchor_residual: Array | None
     anchor_blocks: Array
+    anchor_update: Array | None = None
 
 
 # The largest linear convergence rate a quasi-Newton error estimate assumes: at the
@@ -217,6 +224,13 @@ class DeerNewton(optx.AbstractRootFinder):
         # it evaluates the trial, then linearises the accepted point (two passes).
         return self.damping.may_reject and self.linearisation.safe_at_trials
 
+    def _reuses_anchor_update(self) -> bool:
+        # A strategy whose rejected steps differ only in how they use the anchor's
+        # undamped update keeps that update, `(T, n)`, instead of selecting the
+        # anchor's residual and `(T, n, n)` blocks against the trial's in every
+        # step.
+        return self._keeps_anchor_linearisation() and self.damping.reuses_update
+
     def _linearise(self, fn, y, args, struct):
         """The residual at `y`, the aux, and the Jacobian blocks there."""
         return self.linearisation.residual_and_blocks(
@@ -230,7 +244,8 @@ class DeerNewton(optx.AbstractRootFinder):
         # identity map rather than tracing a linearisation of the residual.
         shape = jax.eval_shape(lambda: self.jacobian.blocks(lambda v: v, struct))
         anchor_blocks = jnp.zeros(shape.shape, shape.dtype)
-        if self._keeps_anchor_linearisation():
+        reuse = self._reuses_anchor_update()
+        if self._keeps_anchor_linearisation() and not reuse:
             anchor_residual = jnp.zeros_like(y)
         else:
             anchor_residual = None
@@ -247,6 +262,7 @@ class DeerNewton(optx.AbstractRootFinder):
             anchor=y,
             anchor_residual=anchor_residual,
             anchor_blocks=anchor_blocks,
+            anchor_update=jnp.zeros_like(y) if reuse else None,
         )
 
     def step(self, fn, y, args, options, state, tags):
@@ -258,6 +274,7 @@ class DeerNewton(optx.AbstractRootFinder):
             return self._norm_in(x, tolerance).astype(state.residual_norm.dtype)
 
         keep = self._keeps_anchor_linearisation()
+        reuse = self._reuses_anchor_update()
         may_reject = self.damping.may_reject
         if keep or not may_reject:
             trial_residual, aux, trial_blocks = self._linearise(fn, y, args, struct)
@@ -300,7 +317,10 @@ class DeerNewton(optx.AbstractRootFinder):
                 state.finite & (trial_finite | jnp.invert(first)) & jnp.invert(repeats)
             )
             num_rejected = state.num_rejected + jnp.where(accept, 0, 1)
-            if keep:
+            if reuse:
+                # The anchor's when accepted; a rejected step does not use them.
+                residual, blocks = trial_residual, trial_blocks
+            elif keep:
                 residual = jnp.where(accept, trial_residual, state.anchor_residual)
                 blocks = jnp.where(accept, trial_blocks, state.anchor_blocks)
             else:
@@ -314,11 +334,24 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected = state.num_rejected
             residual, blocks = trial_residual, trial_blocks
 
+        def damped_update():
+            if not reuse:
+                out = self.damping.update(
+                    damping, anchor, blocks, residual, self.linear_solver
+                )
+                return out + (None,)
+            operator = BlockBidiagonalOperator(self.damping.damp(damping, blocks))
+            fresh = lx.linear_solve(
+                operator, residual, self.linear_solver, throw=False
+            ).value
+            # At a rejected trial the solve above is discarded: the step restarts
+            # from the update it made at the anchor.
+            full = jnp.where(accept, fresh, state.anchor_update)
+            return self.damping.update_from(damping, anchor, full) + (full,)
+
         prediction = self._relinearisation_prediction(state)
         if prediction is None:
-            update, new_y, damping = self.damping.update(
-                damping, anchor, blocks, residual, self.linear_solver
-            )
+            update, new_y, damping, anchor_update = damped_update()
         else:
             refresh, predicted = prediction
             if may_reject:
@@ -326,12 +359,15 @@ class DeerNewton(optx.AbstractRootFinder):
             # The previous step's update predicted an error within 1% of the
             # tolerance: this step only linearises there (above), for the blocks
             # that the implicit gradient reuses, and skips the recurrence solve.
-            update, new_y, damping = jax.lax.cond(
+            update, new_y, damping, anchor_update = jax.lax.cond(
                 refresh,
-                lambda: (jnp.zeros_like(anchor), anchor, damping),
-                lambda: self.damping.update(
-                    damping, anchor, blocks, residual, self.linear_solver
+                lambda: (
+                    jnp.zeros_like(anchor),
+                    anchor,
+                    damping,
+                    jnp.zeros_like(anchor) if reuse else None,
                 ),
+                damped_update,
             )
         update_norm = norm_in(update, anchor_tolerance)
         if prediction is not None:
@@ -363,8 +399,9 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected=num_rejected,
             damping=damping,
             anchor=anchor,
-            anchor_residual=anchor_residual if keep else None,
+            anchor_residual=anchor_residual if keep and not reuse else None,
             anchor_blocks=blocks,
+            anchor_update=anchor_update,
         )
         return new_y, new_state, aux
 

@@ -78,6 +78,9 @@ class TrustRegion(AbstractDamping):
 
     max_residual_growth: float = eqx.field(static=True, default=1e3)
     may_reject: ClassVar[bool] = True
+    # A rejection only shrinks the radius: the step from the anchor cuts the same
+    # update shorter.
+    reuses_update: ClassVar[bool] = True
 
     def init(self, dtype) -> TrustRegionState:
         return TrustRegionState(
@@ -108,6 +111,9 @@ class TrustRegion(AbstractDamping):
     def update(self, state, start, blocks, residual, linear_solver):
         operator = BlockBidiagonalOperator(blocks)
         update = lx.linear_solve(operator, residual, linear_solver, throw=False).value
+        return self.update_from(state, start, update)
+
+    def update_from(self, state, start, update):
         # The size of the state: the first unknown is always within a substep of
         # the fixed initial state, and `dy_0` is that substep's exact change.
         scale = jnp.maximum(jnp.max(jnp.abs(start[0])), jnp.max(jnp.abs(update[0])))

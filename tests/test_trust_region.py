@@ -2,6 +2,8 @@
 `ShrinkBlocksDamping` fails, and the usual transformations (jit, vmap, grad) in both
 Jacobian modes, for DeerSolver and `deer_diffrax.scan`."""
 
+from typing import ClassVar
+
 import diffrax
 import equinox as eqx
 import jax
@@ -86,6 +88,30 @@ def test_solves_a_window_that_shrinking_the_blocks_does_not(jacobian):
     reference = _sequential(problem, 20.0, 2000, y0)
     assert max_relative_difference(trust.ys, reference.ys) <= 1e-9
     assert shrink.result != diffrax.RESULTS.successful
+
+
+class _ResolvingTrustRegion(TrustRegion):
+    # The generic path: keep the anchor's residual and blocks, and solve again from
+    # them after a rejection.
+    reuses_update: ClassVar[bool] = False
+
+
+def test_a_rejected_step_reuses_the_update_made_at_the_anchor():
+    # A rejection only shrinks the radius, so the step from the anchor cuts the
+    # update already computed there; Newton keeps that `(T, n)` update instead of
+    # selecting the anchor's `(T, n, n)` blocks in every step. Same iterations,
+    # same rejections, same answer as solving again at the anchor.
+    problem = PROBLEMS["lotka_volterra"]
+    y0 = jnp.array([4.0, 2.0])
+    reusing = _deer(problem, 20.0, 2000, "full", TrustRegion(), 200, y0)
+    resolving = _deer(problem, 20.0, 2000, "full", _ResolvingTrustRegion(), 200, y0)
+    assert reusing.result == diffrax.RESULTS.successful
+    assert int(reusing.solver_state.num_rejected) > 0
+    for field in ("num_rejected", "total_newton_steps"):
+        assert int(getattr(reusing.solver_state, field)) == int(
+            getattr(resolving.solver_state, field)
+        )
+    assert max_relative_difference(reusing.ys, resolving.ys) <= 1e-14
 
 
 def test_a_step_is_cut_at_the_first_substep_beyond_the_radius():
