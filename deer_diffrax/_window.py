@@ -9,7 +9,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jax.experimental.layout import Layout, with_layout_constraint
 from jaxtyping import Array, Int, PyTree, Real
 
 from ._base_solver import restarted_step
@@ -148,8 +147,16 @@ def trajectory_residual_and_blocks(trajectory, inputs: WindowInputs, restrict):
     # consumer: a Tsit5 window of 4 states and 1e3-1e4 substeps (float64) ran
     # 1.6-1.9x slower wherever nothing else pinned the layout (no damping, or a
     # damping that keeps no copy of the blocks).
-    blocks = with_layout_constraint(blocks, Layout(tuple(range(blocks.ndim))))
-    return trajectory - values, blocks
+    return trajectory - values, _time_major(blocks)
+
+
+def _time_major(x: Array) -> Array:
+    """`x` in row-major layout, where this JAX can say so (since about 0.7)."""
+    try:
+        from jax.experimental.layout import Layout, with_layout_constraint
+    except ImportError:
+        return x
+    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
 
 def euler_residual(unravel, trajectory, inputs: WindowInputs):
