@@ -31,7 +31,6 @@ from ._newton import DeerNewton, solve_trajectory, TrajectorySolution
 from ._operator import shift_in
 from ._ravel import real_ravel
 from ._scan_solve import AssociativeScanSolver
-from ._trust_region import TrustRegion
 
 
 class ScanStats(eqx.Module):
@@ -330,7 +329,7 @@ def scan(
     rtol: float | None = None,
     atol: float | None = None,
     max_newton_steps: int = 100,
-    damping: "bool | AbstractDamping | None" = None,
+    damping: "bool | AbstractDamping" = True,
     initial_guess: PyTree[ArrayLike] | None = None,
     throw: bool = True,
     return_stats: bool = False,
@@ -429,14 +428,12 @@ def scan(
     - `max_newton_steps`: the most Newton iterations allowed (default 100). In exact
         arithmetic Newton is exact after at most `T` iterations; contractive RNN
         cells need a handful with `jacobian="full"`.
-    - `damping`: how Newton guards its steps, a [`deer_diffrax.AbstractDamping`][]
-        or a shorthand. Default (`None`): [`deer_diffrax.TrustRegion`][] (reject
-        iterates whose residual overflows or grows sharply, and cut each later step
-        at the first time step whose change exceeds a self-adapting radius; exactly
-        Newton's iterations while no trial is rejected). `True` for
-        [`deer_diffrax.ShrinkBlocksDamping`][] (retry rejected steps with shrunk
-        Jacobian blocks, down to a Picard sweep), `False` for
-        [`deer_diffrax.NoDamping`][] (plain Newton).
+    - `damping`: a [`deer_diffrax.AbstractDamping`][] strategy, or `True` (the
+        default, [`deer_diffrax.ShrinkBlocksDamping`][]: reject Newton iterates
+        whose residual overflows or grows sharply and retry with shrunk Jacobian
+        blocks, down to a Picard sweep; free when Newton behaves), `False`
+        ([`deer_diffrax.NoDamping`][]) or [`deer_diffrax.TrustRegion`][] (each
+        step cut at the first step whose change exceeds a self-adapting radius).
     - `initial_guess`: the carries `h_1, ..., h_T` Newton starts from, stacked along
         a leading time axis in the order of `xs` (the carry's pytree with a leading
         axis of length `T`); default (`None`) is `init` at every time step. A good
@@ -520,7 +517,7 @@ def scan(
         rtol=rtol,
         atol=atol,
         jacobian=mode,
-        damping=TrustRegion() if damping is None else damping,
+        damping=damping,
         linear_solver=linear_solver,
         # `f` can be linearised at any finite carry: with damping, linearise each
         # trial once and keep the accepted linearisation (one pass per iteration).
