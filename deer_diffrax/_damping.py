@@ -97,9 +97,20 @@ class AbstractDamping(eqx.Module):
         `dy_i = B_i dy_{i-1} + F_i` with the blocks `B_i` given by `damp`, the new
         iterate is `Y - dY`, and the state is unchanged.
         """
+        update = self.solve_step(state, blocks, residual, linear_solver)
+        return update, start - update, state
+
+    def solve_step(
+        self,
+        state: PyTree[Array],
+        blocks: Array,
+        residual: Array,
+        linear_solver: lx.AbstractLinearSolver,
+    ) -> Array:
+        """The solution `dY` of the linear recurrence `dy_i = B_i dy_{i-1} + F_i`,
+        with the blocks `B_i` that `damp` makes of `blocks` and `F` the residual."""
         operator = BlockBidiagonalOperator(self.damp(state, blocks))
-        solution = lx.linear_solve(operator, residual, linear_solver, throw=False)
-        return solution.value, start - solution.value, state
+        return lx.linear_solve(operator, residual, linear_solver, throw=False).value
 
     def update_from(
         self, state: PyTree[Array], start: Array, full_update: Array

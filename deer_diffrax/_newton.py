@@ -340,10 +340,9 @@ class DeerNewton(optx.AbstractRootFinder):
                     damping, anchor, blocks, residual, self.linear_solver
                 )
                 return out + (None,)
-            operator = BlockBidiagonalOperator(self.damping.damp(damping, blocks))
-            fresh = lx.linear_solve(
-                operator, residual, self.linear_solver, throw=False
-            ).value
+            fresh = self.damping.solve_step(
+                damping, blocks, residual, self.linear_solver
+            )
             # At a rejected trial the solve above is discarded: the step restarts
             # from the update it made at the anchor.
             full = jnp.where(accept, fresh, state.anchor_update)

@@ -5,11 +5,9 @@ from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
-import lineax as lx
 from jaxtyping import Array, Bool, Float
 
 from ._damping import AbstractDamping
-from ._operator import BlockBidiagonalOperator
 
 
 # Above this the radius is infinite again: the steps are plain Newton steps.
@@ -109,8 +107,7 @@ class TrustRegion(AbstractDamping):
         return blocks
 
     def update(self, state, start, blocks, residual, linear_solver):
-        operator = BlockBidiagonalOperator(blocks)
-        update = lx.linear_solve(operator, residual, linear_solver, throw=False).value
+        update = self.solve_step(state, blocks, residual, linear_solver)
         return self.update_from(state, start, update)
 
     def update_from(self, state, start, update):

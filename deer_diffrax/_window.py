@@ -18,6 +18,12 @@ from ._operator import shift_in
 from ._ravel import real_ravel
 
 
+try:
+    from jax.experimental.layout import Layout, with_layout_constraint
+except ImportError:  # older JAX: XLA chooses every layout
+    Layout = with_layout_constraint = None
+
+
 class SubstepGrid(eqx.Module):
     """The substep times of one window.
 
@@ -152,9 +158,7 @@ def trajectory_residual_and_blocks(trajectory, inputs: WindowInputs, restrict):
 
 def _time_major(x: Array) -> Array:
     """`x` in row-major layout, where this JAX can say so (since about 0.7)."""
-    try:
-        from jax.experimental.layout import Layout, with_layout_constraint
-    except ImportError:
+    if with_layout_constraint is None:
         return x
     return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
 
