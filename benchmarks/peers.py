@@ -284,7 +284,8 @@ def ode_solvers(num_steps: int, dtype):
         sol = diffrax_solve(params, diffrax.Tsit5(), _ODE_STEP / 10, 10 * num_steps + 1)
         return sol.ys
 
-    def ours(params, _, base=diffrax.Tsit5()):
+    def ours(params, _, base=None):
+        base = diffrax.Tsit5() if base is None else base
         solver = deer_diffrax.DeerSolver(base, num_substeps=num_steps)
         sol = diffrax_solve(params, solver, t1, 2, solver_state=True)
         return sol.ys, sol.solver_state.most_newton_steps
