@@ -15,7 +15,11 @@ from jaxtyping import Array, Bool, Float, Int, PyTree, Scalar
 from ._damping import AbstractDamping, damping_strategy, ShrinkBlocksDamping
 from ._jacobian import AbstractJacobianMode, FullJacobian
 from ._linearisation import AbstractLinearisation, ResidualLinearisation
-from ._operator import BlockBidiagonalOperator, unit_lower_block_bidiagonal_tag
+from ._operator import (
+    BlockBidiagonalOperator,
+    time_major,
+    unit_lower_block_bidiagonal_tag,
+)
 from ._scan_solve import AssociativeScanSolver
 
 
@@ -44,19 +48,20 @@ class DeerNewtonState(eqx.Module):
     - `anchor`: the iterate the last step started from (with damping: the last
         accepted one), at which `residual_norm` was measured; a rejected trial falls
         back to it, and it is returned if the final step made things worse.
-    - `anchor_residual`: the residual at `anchor`, kept with damping when the
-        trial iterate is linearised directly (a linearisation that is safe at trial
-        points), so that a rejected trial costs no re-evaluation (else `None`).
-    - `anchor_blocks`: the (undamped) Jacobian blocks at `anchor`: what a rejected
-        trial restarts from, and, after the last step, the exact linearisation that
-        `postprocess` returns for the implicit gradient (and the Lyapunov estimate)
-        of the solution. With a strategy that rebuilds a rejected step from the
-        anchor's update (`AbstractDamping.reuses_update`), the blocks of the last
-        trial, which are the anchor's whenever the solve ends converged (its last
-        step was accepted).
-    - `anchor_update`: with such a strategy (and a linearisation safe at trial
-        points), the undamped update computed at `anchor`, from which a rejected
-        trial's step is rebuilt; else `None`.
+    - `anchor_blocks`: the (undamped) Jacobian blocks of the last step, after the
+        last step the exact linearisation that `postprocess` returns for the
+        implicit gradient (and the Lyapunov estimate) of the solution. Where damping
+        linearises each trial directly, the blocks of the last trial, which are
+        the anchor's whenever the solve ends converged (its last step was
+        accepted); where it judges the trial first, the accepted point's.
+    - `anchor_update`: with a strategy that rebuilds a rejected step from the
+        anchor's update (`AbstractDamping.reuses_update`, and a linearisation safe
+        at trial points), the undamped update computed at `anchor`; else `None`.
+    - `retrying`: with a linearisation safe at trial points and a strategy that
+        does not reuse the anchor's update, whether the last step rejected its
+        trial: it then took no step, and this step linearises the anchor again and
+        takes the damped step from there, as the strategy decided when it
+        rejected; else `None`.
     """
 
     residual_norm: Float[Array, ""]
@@ -69,9 +74,9 @@ class DeerNewtonState(eqx.Module):
     num_rejected: Int[Array, ""]
     damping: PyTree[Array]
     anchor: Array
-    anchor_residual: Array | None
     anchor_blocks: Array
     anchor_update: Array | None = None
+    retrying: Bool[Array, ""] | None = None
 
 
 # The largest linear convergence rate a quasi-Newton error estimate assumes: at the
@@ -167,9 +172,13 @@ class DeerNewton(optx.AbstractRootFinder):
     accepted iterate) and damps the step. On problems where Newton works no trial
     is rejected. Where the linearisation is safe at trial points (explicit base
     solvers, recurrence cells; see [`deer_diffrax.AbstractLinearisation`][]) each
-    trial is linearised directly and the last accepted linearisation is kept, so
-    damping costs memory, not time; otherwise it costs one more residual evaluation
-    per iteration (the trial is judged before the accepted point is linearised).
+    trial is linearised directly, and a rejected trial takes no step: the next
+    step linearises the anchor again and takes the damped step from there (or, for
+    a strategy that reuses the anchor's update, rebuilds it from that update at
+    once). So damping costs nothing per iteration where no trial is rejected, and
+    one more iteration per rejection; otherwise it costs one more residual
+    evaluation per iteration (the trial is judged before the accepted point is
+    linearised).
 
     Non-finite residuals that damping cannot recover from stop the iteration with
     `RESULTS.nonlinear_divergence`; running out of steps gives
@@ -217,25 +226,44 @@ class DeerNewton(optx.AbstractRootFinder):
     def _norm_in(self, x: Array, tolerance: Array) -> Float[Array, ""]:
         return jnp.real(self.norm(x / tolerance))
 
-    def _keeps_anchor_linearisation(self) -> bool:
-        # With damping, a rejected trial needs the residual and blocks at the last
-        # accepted iterate. Where the residual may be linearised anywhere, the step
-        # linearises the trial once and keeps that linearisation for later; otherwise
+    def _linearises_trials(self) -> bool:
+        # With damping, a rejected trial's step restarts from the last accepted
+        # iterate. Where the residual may be linearised anywhere, each step
+        # linearises its trial once (residual and blocks from one pass); otherwise
         # it evaluates the trial, then linearises the accepted point (two passes).
         return self.damping.may_reject and self.linearisation.safe_at_trials
 
     def _reuses_anchor_update(self) -> bool:
         # A strategy whose rejected steps differ only in how they use the anchor's
-        # undamped update keeps that update, `(T, n)`, instead of selecting the
-        # anchor's residual and `(T, n, n)` blocks against the trial's in every
-        # step.
-        return self._keeps_anchor_linearisation() and self.damping.reuses_update
+        # undamped update keeps that update, `(T, n)`, and rebuilds a rejected
+        # step from it at once.
+        return self._linearises_trials() and self.damping.reuses_update
+
+    def _retries_anchor(self) -> bool:
+        # Any other strategy needs the anchor's residual and blocks after a
+        # rejection. Keeping them would mean selecting them against the trial's,
+        # `(T, n, n)`, in every step, and carrying them: measured on a GRU scan
+        # (hidden 8, T = 1e5, float32 and float64) that made the forward solve
+        # 13-27% slower than undamped Newton, with no trial ever rejected. Instead a
+        # rejected trial takes no step, and the next step linearises the anchor
+        # again.
+        return self._linearises_trials() and not self.damping.reuses_update
 
     def _linearise(self, fn, y, args, struct):
         """The residual at `y`, the aux, and the Jacobian blocks there."""
-        return self.linearisation.residual_and_blocks(
+        residual, aux, blocks = self.linearisation.residual_and_blocks(
             fn, y, args, self.jacobian, struct
         )
+        if self.on_prediction == "relinearise":
+            # A differentiated solve hands its last blocks to the implicit gradient,
+            # whose transposed recurrence reads them time-major. Left free, XLA (CPU)
+            # lays a GRU cell's Jacobian out for the forward solve and transposes it
+            # there: pinned, `jax.value_and_grad` of a GRU scan (hidden 8) took
+            # 10.5 against 12.2-12.7 ms at T = 1e4 (float32) and 294-332 against
+            # 364 ms at T = 1e5 (float64). The forward solve is left to XLA, whose
+            # own layout measured faster there.
+            blocks = time_major(blocks)
+        return residual, aux, blocks
 
     def init(self, fn, y, args, options, f_struct, aux_struct, tags):
         del options, f_struct, aux_struct, tags
@@ -245,10 +273,6 @@ class DeerNewton(optx.AbstractRootFinder):
         shape = jax.eval_shape(lambda: self.jacobian.blocks(lambda v: v, struct))
         anchor_blocks = jnp.zeros(shape.shape, shape.dtype)
         reuse = self._reuses_anchor_update()
-        if self._keeps_anchor_linearisation() and not reuse:
-            anchor_residual = jnp.zeros_like(y)
-        else:
-            anchor_residual = None
         return DeerNewtonState(
             residual_norm=jnp.array(jnp.inf, dtype=y.dtype),
             update_norm=jnp.array(jnp.inf, dtype=y.dtype),
@@ -260,9 +284,9 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected=jnp.array(0),
             damping=self.damping.init(y.dtype),
             anchor=y,
-            anchor_residual=anchor_residual,
             anchor_blocks=anchor_blocks,
             anchor_update=jnp.zeros_like(y) if reuse else None,
+            retrying=jnp.array(False) if self._retries_anchor() else None,
         )
 
     def step(self, fn, y, args, options, state, tags):
@@ -273,10 +297,11 @@ class DeerNewton(optx.AbstractRootFinder):
         def norm_in(x, tolerance):
             return self._norm_in(x, tolerance).astype(state.residual_norm.dtype)
 
-        keep = self._keeps_anchor_linearisation()
+        direct = self._linearises_trials()
         reuse = self._reuses_anchor_update()
+        retry = self._retries_anchor()
         may_reject = self.damping.may_reject
-        if keep or not may_reject:
+        if direct or not may_reject:
             trial_residual, aux, trial_blocks = self._linearise(fn, y, args, struct)
         else:
             # Judge the trial on its residual alone, and linearise only the accepted
@@ -295,6 +320,15 @@ class DeerNewton(optx.AbstractRootFinder):
             state.residual_norm,
             trial_residual,
         )
+        if retry:
+            # The trial is the anchor again, after a rejection: the strategy has
+            # already decided how to damp this step.
+            accept = accept | state.retrying
+            damping = jtu.tree_map(
+                lambda old, new: jnp.where(state.retrying, old, new),
+                state.damping,
+                damping,
+            )
 
         if may_reject:
             anchor = jnp.where(accept, y, state.anchor)
@@ -317,15 +351,12 @@ class DeerNewton(optx.AbstractRootFinder):
                 state.finite & (trial_finite | jnp.invert(first)) & jnp.invert(repeats)
             )
             num_rejected = state.num_rejected + jnp.where(accept, 0, 1)
-            if reuse:
-                # The anchor's when accepted; a rejected step does not use them.
+            if direct:
+                # The anchor's when accepted; a rejected step does not use them (it
+                # rebuilds its update from the anchor's, or takes no step).
                 residual, blocks = trial_residual, trial_blocks
-            elif keep:
-                residual = jnp.where(accept, trial_residual, state.anchor_residual)
-                blocks = jnp.where(accept, trial_blocks, state.anchor_blocks)
             else:
                 residual, aux, blocks = self._linearise(fn, anchor, args, struct)
-            anchor_residual = residual
         else:
             anchor = y
             anchor_tolerance = trial_tolerance
@@ -374,6 +405,11 @@ class DeerNewton(optx.AbstractRootFinder):
             update_norm = jnp.where(
                 refresh, predicted.astype(update_norm.dtype), update_norm
             )
+        if retry:
+            # A rejected trial: no step (the update made from its blocks is
+            # discarded); the next step starts again from the anchor.
+            new_y = jnp.where(accept, new_y, anchor)
+            update_norm = jnp.where(accept, update_norm, jnp.inf)
         update_finite = jnp.all(jnp.isfinite(new_y))
         damping = self.damping.after_update(damping, update_finite)
         undamped = self.damping.is_undamped(damping) & update_finite
@@ -398,9 +434,9 @@ class DeerNewton(optx.AbstractRootFinder):
             num_rejected=num_rejected,
             damping=damping,
             anchor=anchor,
-            anchor_residual=anchor_residual if keep and not reuse else None,
             anchor_blocks=blocks,
             anchor_update=anchor_update,
+            retrying=jnp.invert(accept) if retry else None,
         )
         return new_y, new_state, aux
 

@@ -15,6 +15,20 @@ import lineax as lx
 from jaxtyping import Array, Inexact
 
 
+try:
+    from jax.experimental.layout import Layout, with_layout_constraint
+except ImportError:  # older JAX: XLA chooses every layout
+    Layout = with_layout_constraint = None
+
+
+def time_major(blocks: Array) -> Array:
+    """`blocks` (any array) in row-major layout, so time-major for `(T, ...)`
+    blocks, where this JAX can say so (since about 0.7); else as they are."""
+    if with_layout_constraint is None:
+        return blocks
+    return with_layout_constraint(blocks, Layout(tuple(range(blocks.ndim))))
+
+
 class _UnitLowerBlockBidiagonalTag:
     """Lineax tag: the operator on `(T, n)` arrays is unit lower block-bidiagonal."""
 

@@ -14,14 +14,8 @@ from jaxtyping import Array, Int, PyTree, Real
 from ._base_solver import restarted_step
 from ._linearisation import step_values_and_blocks
 from ._one_step import euler_step, one_step_map
-from ._operator import shift_in
+from ._operator import shift_in, time_major
 from ._ravel import real_ravel
-
-
-try:
-    from jax.experimental.layout import Layout, with_layout_constraint
-except ImportError:  # older JAX: XLA chooses every layout
-    Layout = with_layout_constraint = None
 
 
 class SubstepGrid(eqx.Module):
@@ -153,14 +147,7 @@ def trajectory_residual_and_blocks(trajectory, inputs: WindowInputs, restrict):
     # consumer: a Tsit5 window of 4 states and 1e3-1e4 substeps (float64) ran
     # 1.6-1.9x slower wherever nothing else pinned the layout (no damping, or a
     # damping that keeps no copy of the blocks).
-    return trajectory - values, _time_major(blocks)
-
-
-def _time_major(x: Array) -> Array:
-    """`x` in row-major layout, where this JAX can say so (since about 0.7)."""
-    if with_layout_constraint is None:
-        return x
-    return with_layout_constraint(x, Layout(tuple(range(x.ndim))))
+    return trajectory - values, time_major(blocks)
 
 
 def euler_residual(unravel, trajectory, inputs: WindowInputs):

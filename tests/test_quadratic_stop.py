@@ -34,7 +34,6 @@ def _state(norms, undamped_run=3, dtype=jnp.float64):
         num_rejected=jnp.array(0),
         damping=None,
         anchor=zero,
-        anchor_residual=None,
         anchor_blocks=zero,
     )
 
