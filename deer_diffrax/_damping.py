@@ -27,7 +27,9 @@ class AbstractDamping(eqx.Module):
     overrides `update`. One whose steps from the same starting point all use the
     same undamped update (`damp` is the identity) and differ only in what they make
     of it may set `reuses_update = True` and define `update_from`: Newton then
-    keeps that update for a rejected trial, instead of the Jacobian blocks there.
+    keeps that update and rebuilds a rejected trial's step from it at once, where
+    otherwise (with a linearisation safe at trial points) a rejected trial takes no
+    step and the next iteration linearises the anchor again.
 
     **Arguments:** none here; subclasses define their own parameters.
     """
@@ -37,8 +39,8 @@ class AbstractDamping(eqx.Module):
     may_reject: ClassVar[bool]
     # Whether every step from the same anchor uses the same undamped update (`damp`
     # leaves the blocks as they are) and differs only in what `update_from` makes of
-    # it. Newton then keeps that update for a rejected trial instead of the anchor's
-    # residual and blocks.
+    # it. Newton then keeps that update for a rejected trial instead of spending an
+    # iteration on linearising the anchor again.
     reuses_update: ClassVar[bool] = False
 
     @abc.abstractmethod

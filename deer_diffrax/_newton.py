@@ -407,7 +407,10 @@ class DeerNewton(optx.AbstractRootFinder):
             )
         if retry:
             # A rejected trial: no step (the update made from its blocks is
-            # discarded); the next step starts again from the anchor.
+            # discarded); the next step starts again from the anchor. Skipping that
+            # solve under a `lax.cond` instead cost every step of a GRU scan (hidden
+            # 8, float32) 20-25% at T = 1e4 and 1e5, with no trial rejected: more
+            # than a wasted solve per rejection.
             new_y = jnp.where(accept, new_y, anchor)
             update_norm = jnp.where(accept, update_norm, jnp.inf)
         update_finite = jnp.all(jnp.isfinite(new_y))
