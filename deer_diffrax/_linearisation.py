@@ -76,9 +76,10 @@ class AbstractLinearisation(eqx.Module):
         otherwise the iteration is quasi-Newton and ends with one exact check.
     - `safe_at_trials`: the linearisation may be taken at any finite trial iterate,
         including wild ones that damping will reject. Then each trial is linearised
-        once and the accepted linearisation kept (one pass per iteration); else the
-        trial is first judged on its residual and only the accepted point is
-        linearised (two passes).
+        once (one pass per iteration; a rejected trial costs the next iteration's
+        linearisation of the last accepted iterate, or nothing for a damping that
+        reuses its update); else the trial is first judged on its residual and only
+        the accepted point is linearised (two passes).
 
     **Arguments:** none here; subclasses define their own.
     """

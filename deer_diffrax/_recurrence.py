@@ -520,7 +520,7 @@ def scan(
         damping=damping,
         linear_solver=linear_solver,
         # `f` can be linearised at any finite carry: with damping, linearise each
-        # trial once and keep the accepted linearisation (one pass per iteration).
+        # trial once (one pass per iteration; a rejection costs an iteration).
         linearisation=StepwiseLinearisation(_residual_and_blocks, safe_at_trials=True),
     )
     solution = solve_trajectory(
