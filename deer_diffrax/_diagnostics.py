@@ -36,7 +36,12 @@ class DeerDiagnostics(eqx.Module):
         that is (see the docs page "Will DEER be fast on my problem?").
     - `last_window_growth`: `LLE x window length` of the last window (the
         logarithm of the norm of the product of its substep Jacobians, at its final
-        iterate, converged or not); `None` when `lyapunov_exponent` is.
+        iterate, converged or not); `None` when `lyapunov_exponent` is. For a
+        refused window, the growth predicted for it.
+    - `last_window_refused`: whether the last window was refused unattempted by
+        `DeerSolver(..., max_window_growth=...)` (a constant step that fails there;
+        under an adaptive controller refused windows are shrunk and only the
+        accepted ones are reported); `None` without `max_window_growth`.
     """
 
     num_windows: int
@@ -51,6 +56,7 @@ class DeerDiagnostics(eqx.Module):
     num_fallbacks: int
     lyapunov_exponent: float | None
     last_window_growth: float | None
+    last_window_refused: bool | None = None
 
     def __str__(self):
         histogram = ", ".join(
@@ -78,6 +84,16 @@ class DeerDiagnostics(eqx.Module):
 
     def _failure_advice(self) -> str:
         exponent = self.lyapunov_exponent
+        if self.last_window_refused:
+            return (
+                " The last window was not attempted: at the Lyapunov exponent "
+                f"estimated so far ({exponent:.3g} per unit time) its predicted "
+                f"growth LLE x length = {self.last_window_growth:.3g} exceeds "
+                "`max_window_growth`. The dynamics are chaotic there: use windows "
+                f"shorter than max_window_growth / {exponent:.3g} time units "
+                "(a smaller `dt0`, or an adaptive controller, which shrinks a "
+                "refused window), or raise `max_window_growth`."
+            )
         if exponent is not None and exponent > 0:
             # Measured on Lorenz with the default trust region: about 12 iterations
             # per time unit of window, and ~10 at LLE x L = 2 (docs: "Will DEER be
@@ -155,4 +171,7 @@ def diagnostics(solution_or_state: "diffrax.Solution | DeerState") -> DeerDiagno
         num_fallbacks=int(state.num_fallbacks),
         lyapunov_exponent=lyapunov_exponent,
         last_window_growth=last_window_growth,
+        last_window_refused=(
+            None if state.window_refused is None else bool(state.window_refused)
+        ),
     )

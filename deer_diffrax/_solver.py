@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import lineax as lx
 import optimistix as optx
-from jaxtyping import Array, Float, Int, PyTree, Real
+from jaxtyping import Array, Bool, Float, Int, PyTree, Real
 
 from ._base_solver import (
     check_base_solver,
@@ -87,6 +87,10 @@ class DeerState(eqx.Module):
     - `last_window_growth`: the logarithm of the (Frobenius) norm of the product of
         the substep Jacobians of the last window, at its final iterate:
         `LLE x window length` for that window, whether or not Newton converged.
+    - `window_refused`: whether the last window was refused unattempted because
+        its predicted growth exceeded `DeerSolver.max_window_growth` (then
+        `last_window_growth` is that prediction); `None` unless the solver was
+        built with `max_window_growth`.
     - `previous`: the last window's trajectory and initial state, kept only for
         `initial_guess="previous"` (else `None`).
     - `base_state`: the base solver's own state after the last window, for a base
@@ -110,6 +114,7 @@ class DeerState(eqx.Module):
     lyapunov_time: Real[Array, ""] | None
     lyapunov_direction: Float[Array, " n"] | None
     last_window_growth: Float[Array, ""] | None
+    window_refused: Bool[Array, ""] | None
     previous: tuple[Array, Array] | None
     base_state: PyTree | None
 
@@ -149,6 +154,59 @@ def _next_substep_size(grid: SubstepGrid, dtype) -> Real[Array, ""]:
     full = grid.num_active == grid.ts.shape[0] - 1
     size = grid.ts[1] - grid.ts[0]
     return jnp.where(full, size, jnp.nan).astype(dtype)
+
+
+def predicted_window_growth(
+    solver_state: DeerState, t0: Real[Array, ""], t1: Real[Array, ""]
+) -> Float[Array, ""]:
+    """`LLE x window length` predicted for the window `[t0, t1]` from the exponent
+    estimated over the accepted windows so far: NaN before the first (nothing
+    known), and never above zero for contracting dynamics."""
+    time = solver_state.lyapunov_time
+    known = time > 0
+    exponent = solver_state.lyapunov_growth / jnp.where(known, time, 1).astype(
+        solver_state.lyapunov_growth.dtype
+    )
+    length = jnp.abs(t1 - t0).astype(exponent.dtype)
+    return jnp.where(known, exponent * length, jnp.nan)
+
+
+def _refused_window(
+    out_struct: PyTree, solver_state: DeerState, growth: Float[Array, ""]
+) -> tuple:
+    """`step`'s outputs for a window refused unattempted: reported as a window whose
+    Newton solve failed (every output NaN, an infinite error estimate, so that an
+    adaptive controller shrinks it), with the state of the last accepted window
+    marked as refused."""
+    y1, y_error, dense_info, new_state, result = out_struct
+    nan = lambda s: jnp.full(s.shape, jnp.nan if _inexact(s) else 0, s.dtype)
+    inf = lambda s: jnp.full(s.shape, jnp.inf, s.dtype)
+    state = eqx.tree_at(
+        lambda s: (s.last_error_estimate, s.last_window_growth, s.window_refused),
+        solver_state,
+        (
+            jnp.array(jnp.inf, solver_state.last_error_estimate.dtype),
+            growth.astype(solver_state.last_window_growth.dtype),
+            jnp.array(True),
+        ),
+    )
+    state = jtu.tree_map(lambda x, s: jnp.asarray(x, s.dtype), state, new_state)
+    failed = jtu.tree_map(
+        lambda x, s: jnp.asarray(x, s.dtype),
+        diffrax.RESULTS.nonlinear_max_steps_reached,
+        result,
+    )
+    return (
+        jtu.tree_map(nan, y1),
+        jtu.tree_map(inf, y_error),
+        jtu.tree_map(nan, dense_info),
+        state,
+        failed,
+    )
+
+
+def _inexact(struct: jax.ShapeDtypeStruct) -> bool:
+    return jnp.issubdtype(struct.dtype, jnp.inexact)
 
 
 class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
@@ -210,6 +268,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
     linear_solver: lx.AbstractLinearSolver
     linearise: str = eqx.field(static=True)
     estimate_lyapunov: bool = eqx.field(static=True)
+    max_window_growth: float | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -226,6 +285,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         linear_solver: lx.AbstractLinearSolver | None = None,
         linearise: str = "auto",
         estimate_lyapunov: bool = False,
+        max_window_growth: float | None = None,
     ):
         if base_solver is None:
             base_solver = diffrax.Tsit5()
@@ -282,7 +342,16 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             raise ValueError(
                 f"`estimate_lyapunov` must be True or False; got {estimate_lyapunov!r}."
             )
-        self.estimate_lyapunov = estimate_lyapunov
+        if max_window_growth is not None and not (
+            isinstance(max_window_growth, (int, float)) and max_window_growth > 0
+        ):
+            raise ValueError(
+                "`max_window_growth` must be a positive number (a bound on "
+                f"`LLE x window length`) or None; got {max_window_growth!r}."
+            )
+        self.max_window_growth = max_window_growth
+        # The refusal reads the exponent estimated over the accepted windows.
+        self.estimate_lyapunov = estimate_lyapunov or max_window_growth is not None
 
     # As a wrapped solver, Diffrax's `isinstance` checks (implicit? Ito? SDE-safe
     # with adaptive steps?) see the base solver, and an implicit base solver's root
@@ -347,6 +416,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             )
         else:
             lyapunov = _NO_LYAPUNOV
+        refused = None if self.max_window_growth is None else jnp.array(False)
         if self.initial_guess.needs_previous:
             previous = (constant_guess(y_start, self.num_substeps), y_start)
         else:
@@ -365,6 +435,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             num_fallbacks=zero,
             total_substeps=zero,
             substep_size=jnp.array(jnp.nan, dtype=time_dtype),
+            window_refused=refused,
             previous=previous,
             base_state=base_state,
             **lyapunov,
@@ -391,6 +462,24 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
 
     def _step(self, terms, t0, t1, y0, args, solver_state: DeerState, made_jump):
         """`step`'s work, traced once behind `_jitted_step`."""
+        attempt = ft.partial(
+            self._solve_window, terms, t0, t1, y0, args, solver_state, made_jump
+        )
+        if self.max_window_growth is None:
+            return attempt()
+        growth = predicted_window_growth(solver_state, t0, t1)
+        # Skipping the Newton solve is the point of a refusal, hence a `cond` (under
+        # `vmap` it becomes a select and both branches run: the answer is the same).
+        return jax.lax.cond(
+            growth > self.max_window_growth,
+            ft.partial(_refused_window, jax.eval_shape(attempt), solver_state, growth),
+            attempt,
+        )
+
+    def _solve_window(
+        self, terms, t0, t1, y0, args, solver_state: DeerState, made_jump
+    ):
+        """Solve one window by Newton: `step`'s outputs."""
         # The Newton unknowns: the state, and the base solver's own state if it
         # carries one between steps.
         y_start, unravel = real_ravel(_unknowns(y0, solver_state.base_state))
@@ -533,6 +622,9 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             num_fallbacks=solver_state.num_fallbacks + num_fallbacks,
             total_substeps=solver_state.total_substeps + grid.num_active,
             substep_size=_next_substep_size(grid, solver_state.substep_size.dtype),
+            window_refused=(
+                None if self.max_window_growth is None else jnp.array(False)
+            ),
             previous=None if solver_state.previous is None else (trajectory, y_start),
             base_state=base_state,
             **lyapunov,
@@ -670,6 +762,17 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
     [`deer_diffrax.diagnostics`][] (default `False`: the estimate costs a tree
     product of every window's blocks, about half an associative scan, and
     `diagnostics` then reports it as not estimated).
+- `max_window_growth`: a bound on `LLE x window length`, or `None` (default: no
+    window is refused). When set, a window whose length times the exponent
+    estimated over the accepted windows so far exceeds it is not attempted: it is
+    reported as a window whose Newton solve failed, without spending the
+    iterations, so an adaptive step-size controller shrinks it at once (and a
+    constant step fails, as it would have after `max_newton_steps`). For chaotic
+    dynamics, where long windows cost many iterations or fail; implies
+    `estimate_lyapunov=True`. Not a default because the exponent alone does not
+    predict Newton's iterations: a linear system converges in one iteration at any
+    growth, and strongly driven recurrences can be hard at negative exponents (see
+    the docs page "Will DEER be fast on my problem?").
 """
 
 

@@ -168,3 +168,128 @@ def test_failed_chaotic_window_gets_window_length_advice():
     text = str(info)
     assert "dynamics are chaotic" in text
     assert f"= {2 / info.lyapunov_exponent:.3g} time units" in text
+
+
+def _on_the_attractor():
+    term = diffrax.ODETerm(_lorenz)
+    y0 = jnp.array([1.0, 1.0, 1.0])
+    return diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 10.0, 0.01, y0).ys[-1]
+
+
+def test_window_predicted_to_grow_too_much_is_not_attempted():
+    # The setting of the test above, with a bound of 3 on LLE x length: three windows
+    # of 0.5 measure the exponent (about 0.9), and the last window of 5 time units,
+    # predicted to grow by about 4.5, is refused without a single Newton iteration.
+    term = diffrax.ODETerm(_lorenz)
+    y0 = _on_the_attractor()
+    window_ends = jnp.array([0.0, 0.5, 1.0, 1.5, 6.5])
+
+    def solve(bound, ends, throw=False):
+        solver = deer_diffrax.DeerSolver(
+            num_substeps=400, max_newton_steps=20, max_window_growth=bound
+        )
+        return diffrax.diffeqsolve(
+            term,
+            solver,
+            0.0,
+            float(ends[-1]),
+            None,
+            y0,
+            stepsize_controller=diffrax.StepTo(ends),
+            saveat=diffrax.SaveAt(t1=True, solver_state=True),
+            throw=throw,
+        )
+
+    sol = solve(3.0, window_ends)
+    assert sol.result == diffrax.RESULTS.nonlinear_max_steps_reached
+    assert jnp.all(jnp.isnan(sol.ys))
+    info = deer_diffrax.diagnostics(sol)
+    assert info.last_window_refused is True
+    assert info.num_windows == 3 and info.last_error_estimate == float("inf")
+    assert info.last_window_growth == pytest.approx(5 * info.lyapunov_exponent)
+    assert info.last_window_growth > 3.0
+    # The iterations are those of the three accepted windows alone.
+    first_three = deer_diffrax.diagnostics(solve(3.0, window_ends[:4]))
+    assert first_three.last_window_refused is False
+    assert info.total_newton_steps == first_three.total_newton_steps
+    text = str(info)
+    assert "not attempted" in text and "max_window_growth" in text
+    # A bound above the prediction attempts the window (and it fails in 20
+    # iterations, as in the test above).
+    attempted = deer_diffrax.diagnostics(solve(6.0, window_ends))
+    assert attempted.last_window_refused is False
+    assert attempted.total_newton_steps > first_three.total_newton_steps
+    with pytest.raises(Exception, match="nonlinear solver"):
+        solve(3.0, window_ends, throw=True)
+
+
+def test_adaptive_controller_shrinks_refused_windows():
+    # Long windows of 1000 substeps on Lorenz under a PID controller: with a bound
+    # of 2 on a window's predicted growth, the windows predicted to grow more (two
+    # here) are rejected unattempted and shrunk; the answer is the controller's, as
+    # accurate as without the bound (docs/scripts/predictability.py --refusal
+    # measures where that saves the iterations of failing windows).
+    term = diffrax.ODETerm(_lorenz)
+    y0 = _on_the_attractor()
+    controller = diffrax.PIDController(rtol=1e-8, atol=1e-8)
+    reference = diffrax.diffeqsolve(
+        term,
+        diffrax.Tsit5(),
+        0.0,
+        4.0,
+        None,
+        y0,
+        stepsize_controller=diffrax.PIDController(rtol=1e-12, atol=1e-12),
+        max_steps=100_000,
+    ).ys[-1]
+    results = {}
+    for bound in (None, 2.0):
+        solver = deer_diffrax.DeerSolver(
+            num_substeps=1000, estimate_lyapunov=True, max_window_growth=bound
+        )
+        sol = diffrax.diffeqsolve(
+            term,
+            solver,
+            0.0,
+            4.0,
+            None,
+            y0,
+            stepsize_controller=controller,
+            saveat=diffrax.SaveAt(t1=True, solver_state=True),
+        )
+        results[bound] = sol
+        error = jnp.max(jnp.abs(sol.ys[-1] - reference)) / jnp.max(jnp.abs(reference))
+        assert error < 1e-5
+    bounded = results[2.0]
+    assert int(bounded.stats["num_rejected_steps"]) > 0
+    assert deer_diffrax.diagnostics(bounded).last_window_refused is False
+    assert deer_diffrax.diagnostics(bounded).most_newton_steps < 50
+
+
+def test_bound_never_refuses_contracting_dynamics():
+    # dy/dt = -y has a negative exponent: no window is refused however small the
+    # bound, so values and gradients are those of the unbounded solver, also under
+    # `vmap` (where the refusal's `cond` becomes a select).
+    term = diffrax.ODETerm(lambda t, y, args: -args * y)
+
+    def solve(y0, rate, bound):
+        solver = deer_diffrax.DeerSolver(num_substeps=20, max_window_growth=bound)
+        return diffrax.diffeqsolve(term, solver, 0.0, 3.0, 1.0, y0, args=rate).ys[-1]
+
+    y0s = jnp.array([[1.0, 2.0], [-0.5, 3.0]])
+
+    def outputs(bound):
+        values = jax.vmap(lambda y0: solve(y0, 1.0, bound))(y0s)
+        grad = jax.grad(lambda rate: jnp.sum(solve(y0s[0], rate, bound)))(1.0)
+        return values, grad
+
+    (values, grad), (expected_values, expected_grad) = outputs(1e-3), outputs(None)
+    assert jnp.array_equal(values, expected_values)
+    assert jnp.array_equal(grad, expected_grad)
+    assert jnp.allclose(values, y0s * jnp.exp(-3.0), rtol=1e-7)
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, "2", float("nan")])
+def test_bad_max_window_growth(bound):
+    with pytest.raises(ValueError, match="max_window_growth"):
+        deer_diffrax.DeerSolver(max_window_growth=bound)

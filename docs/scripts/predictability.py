@@ -24,10 +24,16 @@ markdown table.
 prints a second table instead: Lorenz in one window of growing length with
 `DeerSolver`'s defaults (the trust region), up to 1000 Newton iterations, against
 the sequential Tsit5 solve on the same grid.
+
+    python docs/scripts/predictability.py --refusal
+
+prints a third: Lorenz over `[0, 20]` under a `PIDController` with and without
+`max_window_growth`, counting the windows refused and the Newton solves that failed.
 """
 
 import argparse
 import pathlib
+import time
 
 import diffrax
 import jax
@@ -179,14 +185,121 @@ def lorenz_windows():
         )
 
 
+def _counting(counts: dict):
+    """Patch `DeerSolver` so that every refused window and every window whose
+    Newton solve failed adds to `counts` (a host callback; for counting only, not
+    for timing). Returns the function that undoes the patch."""
+    solver_module = deer_diffrax._solver
+    refused_window = solver_module._refused_window
+    solve_window = solver_module.DeerSolver._solve_window
+
+    def add(key):
+        def callback():
+            counts[key] += 1
+
+        jax.debug.callback(callback)
+
+    def counted_refusal(*args):
+        add("refused")
+        return refused_window(*args)
+
+    def counted_solve(self, *args):
+        out = solve_window(self, *args)
+        failed = out[-1] != diffrax.RESULTS.successful
+        jax.lax.cond(failed, lambda: add("failed"), lambda: None)
+        return out
+
+    solver_module._refused_window = counted_refusal
+    solver_module.DeerSolver._solve_window = counted_solve
+
+    def undo():
+        solver_module._refused_window = refused_window
+        solver_module.DeerSolver._solve_window = solve_window
+
+    return undo
+
+
+def refusal(caps=(None, 2.0, 3.0, 4.0, 6.0), repeats=15):
+    """Lorenz over [0, 20] under a PID controller, with and without a bound on the
+    predicted growth of a window."""
+    term = diffrax.ODETerm(_lorenz)
+    y0 = jnp.array([1.0, 1.0, 20.0])
+    print(
+        "| substeps per window | rtol = atol | max_window_growth | windows accepted | "
+        "rejected | of them refused | Newton solves failed | substeps | "
+        "Newton iterations (accepted windows) | time / unbounded | final state vs "
+        "unbounded |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for substeps, tol in ((100, 1e-3), (100, 1e-6), (1000, 1e-3), (1000, 1e-6)):
+        controller = diffrax.PIDController(rtol=tol, atol=tol)
+        unbounded = None
+        for cap in caps:
+            solver = deer_diffrax.DeerSolver(
+                num_substeps=substeps, estimate_lyapunov=True, max_window_growth=cap
+            )
+
+            def solve(y0, solver=solver, controller=controller):
+                return diffrax.diffeqsolve(
+                    term,
+                    solver,
+                    0.0,
+                    20.0,
+                    None,
+                    y0,
+                    stepsize_controller=controller,
+                    saveat=diffrax.SaveAt(t1=True, solver_state=True),
+                    max_steps=4096,
+                )
+
+            # The window's step is cached behind a `jit`: clear it around the
+            # counted run so that neither run reuses the other's program.
+            counts = dict(refused=0, failed=0)
+            jax.clear_caches()
+            undo = _counting(counts)
+            try:
+                jax.block_until_ready(jax.jit(solve)(y0).ys)
+                jax.effects_barrier()
+            finally:
+                undo()
+                jax.clear_caches()
+            counts = dict(counts)
+            solve = jax.jit(solve)
+            sol = solve(y0)
+            jax.block_until_ready(sol.ys)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                jax.block_until_ready(solve(y0).ys)
+                times.append(time.perf_counter() - start)
+            seconds = min(times)
+            if unbounded is None:
+                unbounded = (seconds, sol.ys[-1])
+            diag = deer_diffrax.diagnostics(sol)
+            difference = float(jnp.max(jnp.abs(sol.ys[-1] - unbounded[1])))
+            print(
+                f"| {substeps} | {tol:g} | {cap} | "
+                f"{int(sol.stats['num_accepted_steps'])} | "
+                f"{int(sol.stats['num_rejected_steps'])} | {counts['refused']} | "
+                f"{counts['failed']} | {diag.total_substeps} | "
+                f"{diag.total_newton_steps} | {seconds / unbounded[0]:.2f} | "
+                f"{difference:.1e} |",
+                flush=True,
+            )
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--lorenz-windows", action="store_true")
+    parser.add_argument("--refusal", action="store_true")
     parser.add_argument("--float32", action="store_true")
     options = parser.parse_args()
     jax.config.update("jax_enable_x64", not options.float32)
     if options.lorenz_windows:
         lorenz_windows()
+        return
+    if options.refusal:
+        refusal()
         return
     points = rnn_points() + ode_points()
     print("| problem | LLE x length | Newton iterations | converged |")
