@@ -673,6 +673,13 @@ def _is_none(x: Any) -> bool:
     return x is None
 
 
+def _typed_scalar_as_array(x: Any) -> Any:
+    # JAX's typed Python scalars (subclasses of `int`, `float`, `complex` that carry
+    # a `dtype`); plain Python scalars stay static.
+    typed = isinstance(x, (int, float, complex)) and hasattr(x, "dtype")
+    return jnp.asarray(x) if typed and not isinstance(x, bool) else x
+
+
 @eqx.filter_custom_jvp
 def _find_root(residual_fn, guess, args, newton, *, max_steps):
     """The Newton solve: the root, the Optimistix result and the statistics of
@@ -680,6 +687,11 @@ def _find_root(residual_fn, guess, args, newton, *, max_steps):
     `_find_root_jvp`, never through the iterations. `newton` is an argument, not a
     keyword, because its linearisation may hold tracers (see `solve_trajectory`);
     their tangents are not used."""
+    # A Python scalar that was traced when the residual was closure-converted (the
+    # `1.0` of `jax.grad(f)(1.0)`, closed over by a cell) can arrive here as one of
+    # JAX's typed Python scalars, which the conversion takes for static: make it an
+    # array again.
+    args = jtu.tree_map(_typed_scalar_as_array, args)
     solution = optx.root_find(
         residual_fn,
         newton,
@@ -726,8 +738,12 @@ def _find_root_jvp(primals, tangents, *, max_steps):
     # recurrence solve: half an iteration, inside the loop body that already holds
     # the linearisation (linearising at the root after the loop instead put a
     # second copy of it into every gradient program: +28% compile time).
+    # That step is one more than the undifferentiated solve takes, so it is
+    # allowed one more: a window that converges on its last allowed iteration
+    # must not fail only when differentiated (the gradient would silently lose it
+    # where a `where` discards the failed window, as Diffrax does a rejected step).
     newton = dataclasses.replace(newton, on_prediction="relinearise")
-    out = _find_root(residual_fn, guess, args, newton, max_steps=max_steps)
+    out = _find_root(residual_fn, guess, args, newton, max_steps=max_steps + 1)
     root, _, stats = out
     inputs, t_inputs = (residual_fn, args), (t_residual_fn, t_args)
     no_tangent = jtu.tree_map(_is_none, t_inputs, is_leaf=_is_none)
@@ -764,7 +780,9 @@ def solve_trajectory(
     of a failed solve is NaN. A solve that is differentiated does not stop on the
     quadratic prediction: it linearises once more at the predicted iterate
     (`DeerNewton.on_prediction="relinearise"`), so that the blocks its gradient
-    reuses are those of the returned point, within tolerance of the root. A
+    reuses are those of the returned point, within tolerance of the root; it is
+    allowed `max_steps + 1` steps for that, so that it converges wherever the
+    undifferentiated solve does. A
     solve counts as successful only if the error estimate of the returned
     trajectory is within tolerance (after a quasi-Newton solve, the one given by its
     final exact Newton step).

@@ -573,13 +573,12 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         # A failed window must not be read as an answer: Diffrax still saves its end
         # state, evaluates events on it and may search its dense output for an event
         # time (a terminating event even replaces the failure code with
-        # `event_occurred`). So everything it returns is NaN, derivatives included
-        # (a multiplication, where `jnp.where` would give them a zero tangent).
-        nan_if_failed = jax.lax.stop_gradient(jnp.where(ok, 1.0, jnp.nan))
+        # `event_occurred`). So everything it returns is NaN. Its derivatives are
+        # zero, not NaN: an adaptive controller rejects the window and Diffrax
+        # discards it with a `where`, whose zero cotangent a multiplication by NaN
+        # would turn into a NaN gradient of the whole solve.
         poison = lambda x: (
-            x * nan_if_failed.astype(x.dtype)
-            if jnp.issubdtype(x.dtype, jnp.inexact)
-            else x
+            jnp.where(ok, x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.inexact) else x
         )
         mapped = poison(mapped)
         dense_infos = jtu.tree_map(poison, dense_infos)
@@ -611,8 +610,10 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
             last_newton_steps=newton_steps,
             total_newton_steps=solver_state.total_newton_steps + newton_steps,
             most_newton_steps=jnp.maximum(solver_state.most_newton_steps, newton_steps),
+            # A differentiated solve may take one step more than allowed (see
+            # `solve_trajectory`): counted with the last entry.
             newton_steps_histogram=solver_state.newton_steps_histogram.at[
-                newton_steps
+                jnp.minimum(newton_steps, self.max_newton_steps)
             ].add(1),
             last_residual=residual.astype(solver_state.last_residual.dtype),
             last_error_estimate=solution.error_estimate.astype(
@@ -712,7 +713,8 @@ DeerSolver.__init__.__doc__ = """**Arguments:**
     float32), which leaves results at the rounding level of the sequential solve.
     These are not the ODE tolerances (those belong to the step-size controller).
 - `max_newton_steps`: Newton iterations allowed per window before it is reported
-    as failed (default 50).
+    as failed (default 50). A differentiated solve is allowed one more, for the
+    linearisation at the returned trajectory that its gradient reuses.
 - `jacobian`: `"full"` (exact Newton, default) or `"diagonal"` (quasi-Newton with
     the diagonal of each substep Jacobian: `O(T n)` memory and work, linear
     convergence; see `linearise` for where the diagonal comes from), or an

@@ -496,3 +496,104 @@ def test_memory_measure_detects_backprop_through_iterations():
     _, stored_few, _ = _compiled_with_sizes(grad_fn(3), _Y0, matrix)
     _, stored_many, _ = _compiled_with_sizes(grad_fn(30), _Y0, matrix)
     assert stored_many >= 2 * stored_few, (stored_few, stored_many)
+
+
+def _lorenz(t, y, sigma):
+    x, v, z = y[0], y[1], y[2]
+    return jnp.stack([sigma * (v - x), x * (28 - z) - v, x * v - 8 / 3 * z])
+
+
+_LORENZ_Y0 = jnp.array([-7.0, -2.0, 30.0])
+
+
+def _lorenz_sequential_grad(t1: float, num_steps: int) -> jax.Array:
+    """d(sum of the state at t1)/d(sigma) by sequential Tsit5 on a uniform grid."""
+
+    def loss(sigma):
+        ts = jnp.linspace(0.0, t1, num_steps + 1)
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(_lorenz),
+            diffrax.Tsit5(),
+            0.0,
+            t1,
+            None,
+            _LORENZ_Y0,
+            args=sigma,
+            stepsize_controller=diffrax.StepTo(ts=ts),
+        )
+        return jnp.sum(sol.ys[-1])
+
+    return jax.grad(loss)(10.0)
+
+
+@pytest.mark.parametrize(
+    "adjoint", [diffrax.RecursiveCheckpointAdjoint(), diffrax.DirectAdjoint()]
+)
+def test_window_converging_on_its_last_allowed_iteration_keeps_its_gradient(adjoint):
+    # A differentiated Newton solve linearises once more where the undifferentiated
+    # one stops on the quadratic prediction, so it is allowed one more iteration: a
+    # window that converges on its last allowed iteration has the same derivative as
+    # with room to spare (it used to fail only when differentiated: NaN, or nothing
+    # where a discarded window's cotangent is zero).
+    t1 = 0.31
+
+    def solve(sigma, max_newton_steps):
+        solver = DeerSolver(num_substeps=400, max_newton_steps=max_newton_steps)
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(_lorenz),
+            solver,
+            0.0,
+            t1,
+            t1,
+            _LORENZ_Y0,
+            args=sigma,
+            adjoint=adjoint,
+            saveat=diffrax.SaveAt(t1=True, solver_state=True),
+        )
+
+    needed = int(solve(10.0, 50).solver_state.last_newton_steps)
+    grads = {
+        cap: jax.grad(lambda sigma, cap=cap: jnp.sum(solve(sigma, cap).ys))(10.0)
+        for cap in (needed, needed + 5)
+    }
+    assert jnp.isfinite(grads[needed])
+    assert abs(grads[needed] - grads[needed + 5]) <= 1e-10 * abs(grads[needed + 5])
+    expected = _lorenz_sequential_grad(t1, 400)
+    assert abs(grads[needed] - expected) <= _EXACT_RTOL * abs(expected)
+
+
+@pytest.mark.parametrize("max_window_growth", [None, 1.0])
+def test_windows_rejected_for_failing_add_nothing_to_the_gradient(max_window_growth):
+    # Under a PID controller, windows whose Newton solve fails in 10 iterations (or
+    # that are refused for their predicted growth) are rejected and shrunk; Diffrax
+    # discards them with a `where`, so they must contribute nothing, not NaN (as
+    # they once did: a failed window's outputs were NaN through a multiplication).
+    controller = diffrax.PIDController(rtol=1e-6, atol=1e-6)
+
+    def solve(sigma, max_newton_steps):
+        solver = DeerSolver(
+            num_substeps=400,
+            max_newton_steps=max_newton_steps,
+            max_window_growth=max_window_growth,
+        )
+        return diffrax.diffeqsolve(
+            diffrax.ODETerm(_lorenz),
+            solver,
+            0.0,
+            2.0,
+            None,
+            _LORENZ_Y0,
+            args=sigma,
+            stepsize_controller=controller,
+        )
+
+    # Without a bound and with 50 iterations allowed no window is rejected: the
+    # rejections at 10 are Newton failures.
+    if max_window_growth is None:
+        assert int(solve(10.0, 50).stats["num_rejected_steps"]) == 0
+    assert int(solve(10.0, 10).stats["num_rejected_steps"]) > 0
+    grad = jax.grad(lambda sigma: jnp.sum(solve(sigma, 10).ys))(10.0)
+    # DEER's windows are a different grid from the sequential reference's, both
+    # far finer than their error needs.
+    expected = _lorenz_sequential_grad(2.0, 2000)
+    assert abs(grad - expected) <= 1e-6 * abs(expected)

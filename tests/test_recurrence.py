@@ -500,3 +500,45 @@ def test_last_newton_step_cannot_discard_a_converged_answer(damping):
         )
         assert jnp.array_equal(y, truth)
         assert float(stats["final_residual_norm"]) <= 0.5
+
+
+def test_gradient_when_newton_needs_every_allowed_iteration():
+    # A differentiated solve takes one more (half) iteration where the forward one
+    # stops on the quadratic prediction; with `max_newton_steps` exactly the
+    # forward's count the gradient is still `jax.lax.scan`'s (it used to raise).
+    key_w, key_x = jr.split(jr.key(3))
+    weight = 1.2 * jr.normal(key_w, (6, 6)) / jnp.sqrt(6.0)
+    xs = jr.normal(key_x, (300, 6))
+
+    def cell(h, x, gain):
+        h = jnp.tanh(gain * weight @ h + x)
+        return h, h
+
+    def loss(gain, scan, **options):
+        _, hs = scan(lambda h, x: cell(h, x, gain), jnp.zeros(6), xs, **options)
+        return jnp.sum(hs**2)
+
+    (_, _), stats = deer_diffrax.scan(
+        lambda h, x: cell(h, x, 1.0), jnp.zeros(6), xs, return_stats=True
+    )
+    needed = int(stats.num_newton_steps)
+    gain = jnp.array(1.0)
+    got = jax.grad(loss)(gain, deer_diffrax.scan, max_newton_steps=needed)
+    expected = jax.grad(loss)(gain, jax.lax.scan)
+    assert abs(got - expected) <= 1e-9 * abs(expected)
+
+
+def test_gradient_with_respect_to_a_python_float_the_cell_closes_over():
+    # `jax.grad(f)(1.0)`: inside the derivative JAX hands the closed-over scalar
+    # back as a typed Python float, which once broke the solve's closure
+    # conversion (a ValueError); a JAX array always worked.
+    xs = jr.normal(jr.key(4), (50, 3))
+
+    def loss(gain, scan):
+        cell = lambda h, x: (jnp.tanh(gain * h + x), h)
+        final, hs = scan(cell, jnp.zeros(3), xs)
+        return jnp.sum(hs**2) + jnp.sum(final)
+
+    got = jax.grad(loss)(0.7, deer_diffrax.scan)
+    expected = jax.grad(loss)(0.7, jax.lax.scan)
+    assert abs(got - expected) <= 1e-9 * abs(expected)
