@@ -184,3 +184,37 @@ def test_python_float_args():
         throw=False,
     )
     assert sol.result != diffrax.RESULTS.successful
+
+
+def test_sign_change_event_inside_a_long_window():
+    # A damped pendulum's first zero crossing, inside a window of many substeps,
+    # found by bisection on the window's dense output: the sequential solve's event
+    # time and its derivative with respect to the field's parameter.
+    def pendulum(t, y, gain):
+        return jnp.stack([y[1], -gain * jnp.sin(y[0]) - 0.1 * y[1]])
+
+    event = diffrax.Event(
+        lambda t, y, args, **kwargs: y[0], root_finder=optx.Bisection(1e-12, 1e-12)
+    )
+
+    def event_time(gain, solver):
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(pendulum),
+            solver,
+            0.0,
+            5.0,
+            None,
+            jnp.array([2.5, 0.0]),
+            args=gain,
+            event=event,
+            stepsize_controller=diffrax.PIDController(rtol=1e-10, atol=1e-10),
+            max_steps=10_000,
+        )
+        return sol.ts[-1]
+
+    solver = DeerSolver(num_substeps=100)
+    got, got_derivative = jax.value_and_grad(event_time)(1.0, solver)
+    expected, expected_derivative = jax.value_and_grad(event_time)(1.0, diffrax.Tsit5())
+    assert 2.6 < float(expected) < 2.8
+    assert abs(float(got) - float(expected)) <= 1e-8
+    assert abs(float(got_derivative - expected_derivative)) <= 1e-6
