@@ -156,7 +156,7 @@ def _next_substep_size(grid: SubstepGrid, dtype) -> Real[Array, ""]:
     return jnp.where(full, size, jnp.nan).astype(dtype)
 
 
-def predicted_window_growth(
+def _predicted_window_growth(
     solver_state: DeerState, t0: Real[Array, ""], t1: Real[Array, ""]
 ) -> Float[Array, ""]:
     """`LLE x window length` predicted for the window `[t0, t1]` from the exponent
@@ -343,7 +343,9 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
                 f"`estimate_lyapunov` must be True or False; got {estimate_lyapunov!r}."
             )
         if max_window_growth is not None and not (
-            isinstance(max_window_growth, (int, float)) and max_window_growth > 0
+            isinstance(max_window_growth, (int, float))
+            and not isinstance(max_window_growth, bool)
+            and max_window_growth > 0
         ):
             raise ValueError(
                 "`max_window_growth` must be a positive number (a bound on "
@@ -467,7 +469,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         )
         if self.max_window_growth is None:
             return attempt()
-        growth = predicted_window_growth(solver_state, t0, t1)
+        growth = _predicted_window_growth(solver_state, t0, t1)
         # Skipping the Newton solve is the point of a refusal, hence a `cond` (under
         # `vmap` it becomes a select and both branches run: the answer is the same).
         return jax.lax.cond(

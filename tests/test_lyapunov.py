@@ -289,7 +289,7 @@ def test_bound_never_refuses_contracting_dynamics():
     assert jnp.allclose(values, y0s * jnp.exp(-3.0), rtol=1e-7)
 
 
-@pytest.mark.parametrize("bound", [0.0, -1.0, "2", float("nan")])
+@pytest.mark.parametrize("bound", [0.0, -1.0, "2", float("nan"), True])
 def test_bad_max_window_growth(bound):
     with pytest.raises(ValueError, match="max_window_growth"):
         deer_diffrax.DeerSolver(max_window_growth=bound)
