@@ -427,7 +427,9 @@ def scan(
         `jax.lax.scan`.
     - `max_newton_steps`: the most Newton iterations allowed (default 100). In exact
         arithmetic Newton is exact after at most `T` iterations; contractive RNN
-        cells need a handful with `jacobian="full"`.
+        cells need a handful with `jacobian="full"`. A differentiated scan is
+        allowed one more, for the linearisation at the returned carries that its
+        gradient reuses.
     - `damping`: a [`deer_diffrax.AbstractDamping`][] strategy, or `True` (the
         default, [`deer_diffrax.ShrinkBlocksDamping`][]: reject Newton iterates
         whose residual overflows or grows sharply and retry with shrunk Jacobian
