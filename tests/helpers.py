@@ -3,6 +3,7 @@
 import diffrax
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 import jax.tree_util as jtu
 
@@ -17,6 +18,15 @@ EXPLICIT_RK_SOLVERS = [
     diffrax.Dopri5,
     diffrax.Dopri8,
 ]
+
+
+def equations(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs nested in it (loop bodies,
+    branches, inner jits)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from equations(sub)
 
 
 def max_relative_difference(a, b):

@@ -17,13 +17,12 @@ import functools as ft
 import diffrax
 import equinox as eqx
 import jax
-import jax.extend
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
 import optimistix as optx
 import pytest
-from helpers import max_relative_difference
+from helpers import equations, max_relative_difference
 
 from deer_diffrax import (
     DeerNewton,
@@ -389,12 +388,7 @@ def test_grad_of_a_field_that_closes_over_the_parameters(base, options):
 
 def _num_equations(jaxpr) -> int:
     """Equations in a jaxpr, counting those of nested sub-jaxprs."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        count += 1
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            count += _num_equations(sub)
-    return count
+    return sum(1 for _ in equations(jaxpr))
 
 
 def _compiled_with_sizes(fn, *args):

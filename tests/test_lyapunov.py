@@ -72,12 +72,17 @@ def _lorenz(t, y, args):
     return jnp.stack([10 * (yy - x), x * (28 - z) - yy, x * yy - 8 / 3 * z])
 
 
+def _on_the_attractor():
+    """A Lorenz state after a burn-in of 10 time units from (1, 1, 1)."""
+    term = diffrax.ODETerm(_lorenz)
+    y0 = jnp.array([1.0, 1.0, 1.0])
+    return diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 10.0, 0.01, y0).ys[-1]
+
+
 def test_lorenz():
     # On the attractor (after a burn-in), 20 time units in windows of 0.5.
     term = diffrax.ODETerm(_lorenz)
-    y0 = diffrax.diffeqsolve(
-        term, diffrax.Tsit5(), 0.0, 10.0, 0.01, jnp.array([1.0, 1.0, 1.0])
-    ).ys[-1]
+    y0 = _on_the_attractor()
     diag = _solve(_lorenz, y0, 20.0, 0.5, 100)
     assert abs(diag.lyapunov_exponent - 0.906) < 0.2 * 0.906
 
@@ -147,9 +152,7 @@ def test_failed_chaotic_window_gets_window_length_advice():
         num_substeps=400, max_newton_steps=20, estimate_lyapunov=True
     )
     term = diffrax.ODETerm(_lorenz)
-    y0 = diffrax.diffeqsolve(
-        term, diffrax.Tsit5(), 0.0, 10.0, 0.01, jnp.array([1.0, 1.0, 1.0])
-    ).ys[-1]
+    y0 = _on_the_attractor()
     sol = diffrax.diffeqsolve(
         term,
         solver,
@@ -168,12 +171,6 @@ def test_failed_chaotic_window_gets_window_length_advice():
     text = str(info)
     assert "dynamics are chaotic" in text
     assert f"= {2 / info.lyapunov_exponent:.3g} time units" in text
-
-
-def _on_the_attractor():
-    term = diffrax.ODETerm(_lorenz)
-    y0 = jnp.array([1.0, 1.0, 1.0])
-    return diffrax.diffeqsolve(term, diffrax.Tsit5(), 0.0, 10.0, 0.01, y0).ys[-1]
 
 
 def test_window_predicted_to_grow_too_much_is_not_attempted():

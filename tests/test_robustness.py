@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optimistix as optx
 import pytest
-from helpers import max_relative_difference, PROBLEMS
+from helpers import equations, max_relative_difference, PROBLEMS
 
 import deer_diffrax
 from deer_diffrax import DeerNewton, DeerSolver
@@ -240,16 +240,12 @@ def test_damping_costs_nothing_when_newton_works():
 def _output_shapes(jaxpr, primitive):
     """The output shapes of every `primitive` equation in `jaxpr` and the jaxprs
     nested in it (loop bodies, branches, inner jits)."""
-    shapes = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == primitive:
-            shapes.extend(tuple(v.aval.shape) for v in eqn.outvars)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else [param]:
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    shapes.extend(_output_shapes(sub, primitive))
-    return shapes
+    return [
+        tuple(v.aval.shape)
+        for eqn in equations(jaxpr)
+        if eqn.primitive.name == primitive
+        for v in eqn.outvars
+    ]
 
 
 def test_shrinking_keeps_no_copy_of_the_blocks():
