@@ -205,8 +205,8 @@ def _refused_window(
     )
 
 
-def _inexact(struct: jax.ShapeDtypeStruct) -> bool:
-    return jnp.issubdtype(struct.dtype, jnp.inexact)
+def _inexact(x: Array | jax.ShapeDtypeStruct) -> bool:
+    return jnp.issubdtype(x.dtype, jnp.inexact)
 
 
 class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
@@ -579,9 +579,7 @@ class DeerSolver(diffrax.AbstractAdaptiveSolver, diffrax.AbstractWrappedSolver):
         # zero, not NaN: an adaptive controller rejects the window and Diffrax
         # discards it with a `where`, whose zero cotangent a multiplication by NaN
         # would turn into a NaN gradient of the whole solve.
-        poison = lambda x: (
-            jnp.where(ok, x, jnp.nan) if jnp.issubdtype(x.dtype, jnp.inexact) else x
-        )
+        poison = lambda x: jnp.where(ok, x, jnp.nan) if _inexact(x) else x
         mapped = poison(mapped)
         dense_infos = jtu.tree_map(poison, dense_infos)
         y1, base_state = _split_unknowns(unravel(mapped[-1]), solver_state.base_state)
